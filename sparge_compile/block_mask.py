@@ -1,0 +1,85 @@
+"""SpargeBlockMask: the predicted block mask in FlexAttention's BlockMask index format."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .reference import cdiv, visible_blocks
+
+
+@dataclass
+class SpargeBlockMask:
+    """Kept key blocks per query block, in FlexAttention's ``kv_num_blocks``/``kv_indices`` form.
+
+    kv_num_blocks: (B, H, nq) int32, how many key blocks query block i keeps.
+    kv_indices:    (B, H, nq, nk) int32; the first kv_num_blocks entries of a row are the kept
+                   key-block indices in ascending order, the rest are the dropped ones.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+    is_causal: bool = False
+    _q_index: tuple | None = field(default=None, repr=False)
+
+    @property
+    def shape(self):
+        return (*self.kv_num_blocks.shape, cdiv(self.kv_len, self.block_k))
+
+    def to_dense(self) -> torch.Tensor:
+        """(B, H, nq, nk) bool: True where the key block is kept."""
+        from .kernels.torch_impl import indices_to_dense
+
+        return indices_to_dense(self.kv_num_blocks, self.kv_indices, self.shape[-1])
+
+    @property
+    def q_num_blocks(self) -> torch.Tensor:
+        """(B, H, nk) int32: how many query blocks keep each key block (the transposed index)."""
+        return self._transposed()[0]
+
+    @property
+    def q_indices(self) -> torch.Tensor:
+        """(B, H, nk, nq) int32: the query blocks that keep each key block, ascending first."""
+        return self._transposed()[1]
+
+    def _transposed(self):
+        if self._q_index is None:
+            from .kernels.torch_impl import transpose_indices
+
+            self._q_index = transpose_indices(self.kv_num_blocks, self.kv_indices, self.shape[-1])
+        return self._q_index
+
+    def visible_pairs(self) -> int:
+        """Block pairs the rows may see (all of them, or the causal lower part), over B and H."""
+        vis = visible_blocks(self.q_len, self.kv_len, self.block_q, self.block_k, self.is_causal)
+        B, H = self.kv_num_blocks.shape[:2]
+        return int(vis.sum()) * B * H
+
+    def sparsity(self) -> float:
+        """1 - kept block pairs / visible block pairs."""
+        kept = int(self.kv_num_blocks.sum())
+        return 1.0 - kept / max(1, self.visible_pairs())
+
+    def to_flex(self):
+        """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (block_q x block_k).
+
+        Causal masking inside diagonal blocks is not encoded in the block indices: pass the
+        causal ``mask_mod`` to flex_attention (or use :func:`causal_mask_mod`).
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        mask_mod = None
+        if self.is_causal:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= kv_idx
+        num = self.kv_num_blocks
+        idx = self.kv_indices
+        kwargs = dict(BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod)
+        try:
+            return BlockMask.from_kv_blocks(num, idx, seq_lengths=(self.q_len, self.kv_len), **kwargs)
+        except TypeError:  # older torch: no seq_lengths
+            return BlockMask.from_kv_blocks(num, idx, **kwargs)

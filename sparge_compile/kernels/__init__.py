@@ -1,0 +1,51 @@
+"""Kernels behind the ops: Triton on CUDA (or on the CPU under TRITON_INTERPRET=1), otherwise
+the chunked PyTorch implementation in :mod:`torch_impl`.
+
+* :mod:`.mask`      Triton mask prediction: block pooling, block scores, hybrid Top-k+Top-p
+* :mod:`.forward`   Triton sparse forward (online softmax over the kept key blocks)
+* :mod:`.backward`  Triton sparse backward (dQ; dK/dV over the transposed index)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _interpreter, torch_impl
+
+_interpreter.install()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (tests, CI)."""
+    if t.dtype == torch.float64:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
+    if use_triton(q):
+        from .mask import predict_mask_triton
+
+        return predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
+    return torch_impl.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
+
+
+def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+    if use_triton(q):
+        from .forward import attention_fwd_triton
+
+        return attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k)
+    return torch_impl.attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k)
+
+
+def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+    if use_triton(q):
+        from .backward import attention_bwd_triton
+
+        return attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
+                                    block_q, block_k)
+    return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
+                                    block_q, block_k)

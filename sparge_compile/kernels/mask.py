@@ -1,0 +1,159 @@
+"""Triton mask prediction: mean-pool Q/K blocks, score, hybrid Top-k + Top-p selection.
+
+Two launches: one pools the query and key blocks (fp32, head dim padded to a power of two),
+one per tile of query blocks scores every key block, takes the softmax, and keeps the
+max(c_k, c_p, 1) best blocks (ties to the lower index) plus, causal, the diagonal blocks.
+It writes FlexAttention-style kv_num_blocks / kv_indices (kept blocks ascending, then the
+dropped ones ascending). topk and topp are runtime values: changing them never recompiles.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import cdiv
+
+MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
+
+
+@triton.jit
+def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :] * sxd
+    x = tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+    cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + (bh * nb + blk) * BLOCK_D + cols, tl.sum(x, 0) / cnt)
+
+
+@triton.jit
+def _select_kernel(QB, KB, KvNum, KvIdx, scale, topk, topp, Hq, G, Nq, Nk, nq, nk,
+                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   NK_P2: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hk = (bh % Hq) // G
+    bhk = b * (Hq // G) + hk
+    ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
+    cj = tl.arange(0, NK_P2)  # key-block indices
+    dd = tl.arange(0, BLOCK_D)
+    qb = tl.load(QB + (bh * nq + ri)[:, None] * BLOCK_D + dd[None, :], mask=(ri < nq)[:, None], other=0.0)
+    kb = tl.load(KB + (bhk * nk + cj)[:, None] * BLOCK_D + dd[None, :], mask=(cj < nk)[:, None], other=0.0)
+    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # (BLOCK_M, NK_P2)
+
+    vis = (cj < nk)[None, :] & (ri < nq)[:, None]
+    if IS_CAUSAL:
+        last_row = tl.minimum((ri + 1) * BQ, Nq) - 1
+        vis = vis & ((cj * BK)[None, :] <= last_row[:, None])
+    s = tl.where(vis, s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(vis, tl.exp(s - m[:, None]), 0.0)
+    p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]
+    pv = tl.where(vis, p, -1.0)
+
+    n_vis = tl.sum(vis.to(tl.int32), 1)
+    xk = topk * n_vis.to(tl.float32)
+    c_k = xk.to(tl.int32)
+    c_k = c_k + (c_k.to(tl.float32) < xk).to(tl.int32)  # ceil
+    # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
+    # blocks get -1. Both cuts are found by bisection on the bit pattern (no sort needed).
+    pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
+    if MODE != 1:
+        # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
+        lo = tl.zeros([BLOCK_M], tl.int32)
+        hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)  # bits of 1.0
+        for _ in range(30):
+            mid = lo + (hi - lo + 1) // 2
+            mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
+            ok = mass >= topp
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        vstar = lo.to(tl.float32, bitcast=True)
+        gt = pbits > lo[:, None]
+        g = tl.sum(tl.where(gt, p, 0.0), 1)  # mass strictly above v*
+        a = tl.sum(gt.to(tl.int32), 1)
+        n_tie = tl.sum((pbits == lo[:, None]).to(tl.int32), 1)
+        # ties at v* are taken one by one while the mass before them is < topp
+        need = (topp - g) / tl.maximum(vstar, 1e-30)
+        t_int = need.to(tl.int32)
+        t_int = t_int + (t_int.to(tl.float32) < need).to(tl.int32)
+        t_cnt = tl.where(vstar > 0.0, tl.minimum(t_int, n_tie), n_tie)
+        total = tl.sum(tl.where(vis, p, 0.0), 1)
+        c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
+        c_p = tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
+    if MODE == 0:
+        c = tl.maximum(c_k, c_p)
+    elif MODE == 1:
+        c = c_k
+    else:
+        c = c_p
+    c = tl.maximum(c, 1)
+    # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c
+    lo = tl.zeros([BLOCK_M], tl.int32)
+    hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)
+    for _ in range(30):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
+        ok = cnt >= c
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    above = pbits > lo[:, None]
+    n_above = tl.sum(above.to(tl.int32), 1)
+    tie = pbits == lo[:, None]
+    tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+    keep = (above | (tie & (tie_rank <= (c - n_above)[:, None]))) & vis
+    if IS_CAUSAL:
+        first_row = ri * BQ
+        last_row2 = tl.minimum(first_row + BQ, Nq) - 1
+        first_key = cj * BK
+        last_key = tl.minimum(first_key + BK, Nk) - 1
+        diag = (first_key[None, :] <= last_row2[:, None]) & (last_key[None, :] >= first_row[:, None])
+        keep = keep | (diag & vis)
+
+    keep_i = keep.to(tl.int32)
+    kept_cum = tl.cumsum(keep_i, 1)
+    num = tl.sum(keep_i, 1)
+    out_pos = tl.where(keep, kept_cum - 1, num[:, None] + cj[None, :] - kept_cum)
+    row_ok = ri < nq
+    tl.store(KvNum + bh * nq + ri, num, mask=row_ok)
+    tl.store(KvIdx + (bh * nq + ri)[:, None] * nk + out_pos,
+             tl.zeros([BLOCK_M, NK_P2], tl.int32) + cj[None, :],
+             mask=row_ok[:, None] & (cj < nk)[None, :])
+
+
+def pool_blocks_triton(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, nb, BLOCK_D) fp32 block means, head dim zero-padded to a power of 2."""
+    B, H, N, D = x.shape
+    nb = cdiv(N, block)
+    BLOCK_D = triton.next_power_of_2(D)
+    out = torch.empty((B, H, nb, BLOCK_D), dtype=torch.float32, device=x.device)
+    _pool_kernel[(nb, B * H)](x, out, *x.stride(), H, N, nb, D, BLOCK=block, BLOCK_D=BLOCK_D,
+                              num_warps=4)
+    return out
+
+
+def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
+    qb = pool_blocks_triton(q, block_q)
+    kb = pool_blocks_triton(k, block_k)
+    NK_P2 = max(16, triton.next_power_of_2(nk))
+    BLOCK_M = max(16, min(64, 4096 // NK_P2))
+    num = torch.empty((B, Hq, nq), dtype=torch.int32, device=q.device)
+    idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=q.device)
+    grid = (cdiv(nq, BLOCK_M), B * Hq)
+    _select_kernel[grid](qb, kb, num, idx, float(scale), float(topk), float(topp), Hq, Hq // Hkv,
+                         Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
+                         BLOCK_D=qb.shape[-1], IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode],
+                         num_warps=4)
+    return num, idx

@@ -1,0 +1,152 @@
+"""Plain PyTorch definitions of the method, written for clarity, not speed.
+
+These are the specification the Triton kernels are tested against (in float64):
+
+* :func:`pool_blocks`          mean of the valid tokens of each block
+* :func:`visible_blocks`       which key blocks a query block may see (causal rule)
+* :func:`diagonal_blocks`      key blocks that meet a query block's diagonal (always kept, causal)
+* :func:`block_scores`         P̄ = softmax_j(q̄_i · k̄_j · scale) over the visible blocks
+* :func:`keep_counts`          c_k, c_p and max(c_k, c_p, 1) per query block
+* :func:`reference_block_mask` the hybrid Top-k + Top-p block mask, dense bool (B, Hq, nq, nk)
+* :func:`masked_attention`     dense attention with every score outside the kept blocks at -inf
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, ceil(N / block), D): mean over the real tokens of each block."""
+    B, H, N, D = x.shape
+    nb = cdiv(N, block)
+    pad = nb * block - N
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    sums = xp.reshape(B, H, nb, block, D).sum(dim=3)
+    counts = torch.full((nb,), float(block), dtype=x.dtype, device=x.device)
+    counts[-1] = block - pad
+    return sums / counts[:, None]
+
+
+def visible_blocks(nq_tok: int, nk_tok: int, block_q: int, block_k: int, is_causal: bool,
+                   device=None) -> torch.Tensor:
+    """(nq, nk) bool: key block j has at least one key some row of query block i may attend to.
+
+    Causal masking is SDPA's (top-left aligned): query row r sees keys 0..r.
+    """
+    nq, nk = cdiv(nq_tok, block_q), cdiv(nk_tok, block_k)
+    if not is_causal:
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+    last_row = torch.clamp((torch.arange(nq, device=device) + 1) * block_q, max=nq_tok) - 1
+    first_key = torch.arange(nk, device=device) * block_k
+    return first_key[None, :] <= last_row[:, None]
+
+
+def diagonal_blocks(nq_tok: int, nk_tok: int, block_q: int, block_k: int, is_causal: bool,
+                    device=None) -> torch.Tensor:
+    """(nq, nk) bool: with is_causal, key blocks holding key index r for some row r of block i."""
+    nq, nk = cdiv(nq_tok, block_q), cdiv(nk_tok, block_k)
+    if not is_causal:
+        return torch.zeros(nq, nk, dtype=torch.bool, device=device)
+    first_row = torch.arange(nq, device=device) * block_q
+    last_row = torch.clamp(first_row + block_q, max=nq_tok) - 1
+    first_key = torch.arange(nk, device=device) * block_k
+    last_key = torch.clamp(first_key + block_k, max=nk_tok) - 1
+    return (first_key[None, :] <= last_row[:, None]) & (last_key[None, :] >= first_row[:, None])
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
+                 block_q: int, block_k: int) -> torch.Tensor:
+    """P̄ (B, Hq, nq, nk): softmax over visible key blocks of pooled q̄·k̄·scale (0 where hidden)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    qb = pool_blocks(q, block_q)
+    kb = pool_blocks(k, block_k).repeat_interleave(Hq // Hkv, dim=1)
+    s = qb @ kb.transpose(-2, -1) * scale
+    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: float, mode: str):
+    """Blocks to keep per row: returns (c_k, c_p, c), each (..., nq) int64.
+
+    c_k = ceil(topk · n_visible), computed in float32 (the kernels' arithmetic);
+    c_p = fewest blocks, in descending order of p, whose sum is >= topp (at most n_visible);
+    c   = max(c_k, c_p, 1) for "hybrid"; max(c_k, 1) for "topk"; max(c_p, 1) for "topp".
+    """
+    nv = n_visible.to(torch.float32)
+    c_k = torch.ceil(torch.tensor(topk, dtype=torch.float32) * nv).to(torch.int64)
+    ps, _ = torch.sort(p, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(ps, dim=-1) - ps  # mass of the blocks ranked before each one
+    c_p = (before < topp).sum(-1)
+    c_p = torch.minimum(c_p, n_visible.to(torch.int64))
+    if mode == "hybrid":
+        c = torch.maximum(c_k, c_p)
+    elif mode == "topk":
+        c = c_k
+    elif mode == "topp":
+        c = c_p
+    else:
+        raise ValueError(f"mode must be hybrid, topk or topp, got {mode!r}")
+    return c_k, c_p, torch.clamp(c, min=1)
+
+
+def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
+                         is_causal: bool = False, topk: float = 0.03, topp: float = 0.2,
+                         mode: str = "hybrid", block_q: int = 128, block_k: int = 64) -> torch.Tensor:
+    """The hybrid Top-k + Top-p block mask as a dense bool tensor (B, Hq, nq, nk).
+
+    Keeps, per query block, the c = max(c_k, c_p, 1) highest-scoring visible key blocks
+    (ties to the lower block index) and, with is_causal, every diagonal block.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p = block_scores(q, k, scale, is_causal, block_q, block_k)
+    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    n_visible = vis.sum(-1).expand(p.shape[:-1])
+    _, _, c = keep_counts(p.masked_fill(~vis, -1.0), n_visible, topk, topp, mode)
+    # rank of each block in descending order of p, ties to the lower index (stable sort)
+    order = torch.sort(p.masked_fill(~vis, -1.0), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
+    keep = (rank < c[..., None]) & vis
+    diag = diagonal_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    return keep | diag
+
+
+def dense_token_mask(block_mask: torch.Tensor, nq_tok: int, nk_tok: int, block_q: int,
+                     block_k: int, is_causal: bool) -> torch.Tensor:
+    """Expand a (B, H, nq, nk) block mask to a (B, H, Nq, Nk) token mask (causal applied)."""
+    m = block_mask.repeat_interleave(block_q, dim=-2)[..., :nq_tok, :]
+    m = m.repeat_interleave(block_k, dim=-1)[..., :nk_tok]
+    if is_causal:
+        m = m & torch.ones(nq_tok, nk_tok, dtype=torch.bool, device=m.device).tril()
+    return m
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                     scale: float | None = None, is_causal: bool = False, block_q: int = 128,
+                     block_k: int = 64) -> torch.Tensor:
+    """Dense attention with every score outside the kept blocks set to -inf (GQA aware).
+
+    Differentiable (use float64 inputs for a reference).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    G = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    m = dense_token_mask(block_mask, q.shape[2], k.shape[2], block_q, block_k, is_causal)
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = s.masked_fill(~m, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def reference_sparse_attention(q, k, v, scale=None, is_causal=False, topk=0.03, topp=0.2,
+                               mode="hybrid", block_q=128, block_k=64):
+    """Mask rule + masked attention, end to end, in the dtype of the inputs."""
+    mask = reference_block_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
+    return masked_attention(q, k, v, mask, scale, is_causal, block_q, block_k)
