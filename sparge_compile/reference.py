@@ -77,13 +77,14 @@ def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: flo
 
     c_k = ceil(topk · n_visible), computed in float32 (the kernels' arithmetic);
     c_p = fewest blocks, in descending order of p, whose sum is >= topp (at most n_visible);
+    hidden blocks are marked with p = -1 and never counted;
     c   = max(c_k, c_p, 1) for "hybrid"; max(c_k, 1) for "topk"; max(c_p, 1) for "topp".
     """
     nv = n_visible.to(torch.float32)
     c_k = torch.ceil(torch.tensor(topk, dtype=torch.float32) * nv).to(torch.int64)
     ps, _ = torch.sort(p, dim=-1, descending=True, stable=True)
     before = torch.cumsum(ps, dim=-1) - ps  # mass of the blocks ranked before each one
-    c_p = (before < topp).sum(-1)
+    c_p = ((before < topp) & (ps >= 0)).sum(-1)  # hidden blocks carry p = -1
     c_p = torch.minimum(c_p, n_visible.to(torch.int64))
     if mode == "hybrid":
         c = torch.maximum(c_k, c_p)

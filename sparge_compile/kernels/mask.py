@@ -15,6 +15,7 @@ import triton.language as tl
 from ..reference import cdiv
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
+_FORCE_BISECTION = False  # tests set this to exercise the large-nk path on small shapes
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
 def _select_kernel(QB, KB, KvNum, KvIdx, scale, topk, topp, Hq, G, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   MODE: tl.constexpr):
+                   MODE: tl.constexpr, PAIRWISE: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -64,53 +65,72 @@ def _select_kernel(QB, KB, KvNum, KvIdx, scale, topk, topp, Hq, G, Nq, Nk, nq, n
     xk = topk * n_vis.to(tl.float32)
     c_k = xk.to(tl.int32)
     c_k = c_k + (c_k.to(tl.float32) < xk).to(tl.int32)  # ceil
-    # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
-    # blocks get -1. Both cuts are found by bisection on the bit pattern (no sort needed).
-    pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
-    if MODE != 1:
-        # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
+    if PAIRWISE:
+        # few key blocks: rank every block against every other one (no sort, no search)
+        pj = pv[:, :, None]
+        pl = pv[:, None, :]
+        jj = tl.arange(0, NK_P2)[None, :, None]
+        ll = tl.arange(0, NK_P2)[None, None, :]
+        beats = (pl > pj) | ((pl == pj) & (ll < jj))  # block l ranks before block j
+        rank = tl.sum(beats.to(tl.int32), 2)
+        before = tl.sum(tl.where(beats, tl.maximum(pl, 0.0), 0.0), 2)  # mass ranked before j
+        c_p = tl.minimum(tl.sum((vis & (before < topp)).to(tl.int32), 1), n_vis)
+        if MODE == 0:
+            c = tl.maximum(c_k, c_p)
+        elif MODE == 1:
+            c = c_k
+        else:
+            c = c_p
+        c = tl.maximum(c, 1)
+        keep = vis & (rank < c[:, None])
+    else:
+        # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
+        # blocks get -1. Both cuts are found by bisection on the bit pattern (no sort needed).
+        pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
+        if MODE != 1:
+            # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
+            lo = tl.zeros([BLOCK_M], tl.int32)
+            hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)  # bits of 1.0
+            for _ in range(30):
+                mid = lo + (hi - lo + 1) // 2
+                mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
+                ok = mass >= topp
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            vstar = lo.to(tl.float32, bitcast=True)
+            gt = pbits > lo[:, None]
+            g = tl.sum(tl.where(gt, p, 0.0), 1)  # mass strictly above v*
+            a = tl.sum(gt.to(tl.int32), 1)
+            n_tie = tl.sum((pbits == lo[:, None]).to(tl.int32), 1)
+            # ties at v* are taken one by one while the mass before them is < topp
+            need = (topp - g) / tl.maximum(vstar, 1e-30)
+            t_int = need.to(tl.int32)
+            t_int = t_int + (t_int.to(tl.float32) < need).to(tl.int32)
+            t_cnt = tl.where(vstar > 0.0, tl.minimum(t_int, n_tie), n_tie)
+            total = tl.sum(tl.where(vis, p, 0.0), 1)
+            c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
+            c_p = tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
+        if MODE == 0:
+            c = tl.maximum(c_k, c_p)
+        elif MODE == 1:
+            c = c_k
+        else:
+            c = c_p
+        c = tl.maximum(c, 1)
+        # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c
         lo = tl.zeros([BLOCK_M], tl.int32)
-        hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)  # bits of 1.0
+        hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)
         for _ in range(30):
             mid = lo + (hi - lo + 1) // 2
-            mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
-            ok = mass >= topp
+            cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
+            ok = cnt >= c
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        vstar = lo.to(tl.float32, bitcast=True)
-        gt = pbits > lo[:, None]
-        g = tl.sum(tl.where(gt, p, 0.0), 1)  # mass strictly above v*
-        a = tl.sum(gt.to(tl.int32), 1)
-        n_tie = tl.sum((pbits == lo[:, None]).to(tl.int32), 1)
-        # ties at v* are taken one by one while the mass before them is < topp
-        need = (topp - g) / tl.maximum(vstar, 1e-30)
-        t_int = need.to(tl.int32)
-        t_int = t_int + (t_int.to(tl.float32) < need).to(tl.int32)
-        t_cnt = tl.where(vstar > 0.0, tl.minimum(t_int, n_tie), n_tie)
-        total = tl.sum(tl.where(vis, p, 0.0), 1)
-        c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
-        c_p = tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
-    if MODE == 0:
-        c = tl.maximum(c_k, c_p)
-    elif MODE == 1:
-        c = c_k
-    else:
-        c = c_p
-    c = tl.maximum(c, 1)
-    # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c
-    lo = tl.zeros([BLOCK_M], tl.int32)
-    hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)
-    for _ in range(30):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
-        ok = cnt >= c
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    above = pbits > lo[:, None]
-    n_above = tl.sum(above.to(tl.int32), 1)
-    tie = pbits == lo[:, None]
-    tie_rank = tl.cumsum(tie.to(tl.int32), 1)
-    keep = (above | (tie & (tie_rank <= (c - n_above)[:, None]))) & vis
+        above = pbits > lo[:, None]
+        n_above = tl.sum(above.to(tl.int32), 1)
+        tie = pbits == lo[:, None]
+        tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+        keep = (above | (tie & (tie_rank <= (c - n_above)[:, None]))) & vis
     if IS_CAUSAL:
         first_row = ri * BQ
         last_row2 = tl.minimum(first_row + BQ, Nq) - 1
@@ -148,12 +168,17 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
     qb = pool_blocks_triton(q, block_q)
     kb = pool_blocks_triton(k, block_k)
     NK_P2 = max(16, triton.next_power_of_2(nk))
-    BLOCK_M = max(16, min(64, 4096 // NK_P2))
+    interp = not q.is_cuda
+    pairwise = NK_P2 <= (64 if interp else 32) and not _FORCE_BISECTION
+    if interp:  # few programs: the interpreter's cost is per operation, not per element
+        BLOCK_M = max(16, min(triton.next_power_of_2(nq), 64 if pairwise else 256))
+    else:
+        BLOCK_M = 16 if pairwise else max(16, min(64, 4096 // NK_P2))
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=q.device)
     grid = (cdiv(nq, BLOCK_M), B * Hq)
     _select_kernel[grid](qb, kb, num, idx, float(scale), float(topk), float(topp), Hq, Hq // Hkv,
                          Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
-                         BLOCK_D=qb.shape[-1], IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode],
+                         BLOCK_D=qb.shape[-1], IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise,
                          num_warps=4)
     return num, idx

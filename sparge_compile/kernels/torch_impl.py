@@ -22,8 +22,9 @@ def dense_to_indices(dense: torch.Tensor):
 
     Kept block indices come first in ascending order, then the dropped ones ascending.
     """
-    num = dense.sum(-1, dtype=torch.int32)
-    idx = torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    dense = dense.contiguous()
+    num = dense.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
     return num, idx
 
 

@@ -1,0 +1,138 @@
+"""Triton sparse attention backward: dQ, dK, dV of the masked function (the mask is constant).
+
+* ``_bwd_dq_kernel``   one program per (query block, batch x query head); walks the same
+  kv index list as the forward and accumulates dQ.
+* ``_bwd_dkdv_kernel`` one program per (key block, batch x kv head); for each query head of
+  the GQA group it walks the transposed index (the query blocks that kept this key block)
+  and accumulates dK and dV. No atomics: the result is deterministic.
+
+P is recomputed from the saved log-sum-exp; delta = rowsum(dO ∘ O) as in FlashAttention-2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import cdiv
+from .forward import LOG2E, dot_precision
+from .torch_impl import transpose_indices
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   Hq, G, Nq, Nk, nq, nk, D,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Nq
+    md = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md, other=0.0)
+    # DO and DQ are contiguous (B, Hq, Nq, D)
+    do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
+    lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row = bh * nq + i
+    n_kept = tl.load(KvNum + row)
+    for t in range(n_kept):
+        j = tl.load(KvIdx + row * nk + t)
+        offs_k = j * BLOCK_N + offs_n
+        k_ok = offs_k < Nk
+        kd = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        valid = k_ok[None, :] & m_ok[:, None]
+        if IS_CAUSAL:
+            valid = valid & (offs_k[None, :] <= offs_m[:, None])
+        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    dq = dq * scale
+    tl.store(DQ + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scale,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     Hq, G, Nq, Nk, nq, nk, D,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    j = tl.program_id(0)
+    bhk = tl.program_id(1)
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Nk
+    nd = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        bh = b * Hq + h
+        col = bh * nk + j
+        n_q = tl.load(QNum + col)
+        for t in range(n_q):
+            i = tl.load(QIdx + col * nq + t)
+            offs_m = i * BLOCK_M + offs_m0
+            m_ok = offs_m < Nq
+            md = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md, other=0.0)
+            do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
+            lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            valid = n_ok[:, None] & m_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    dk = dk * scale
+    # DK and DV are contiguous (B, Hkv, Nk, D)
+    tl.store(DK + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
+    tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
+
+
+def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # (B, Hq, Nq)
+    q_num, q_idx = transpose_indices(kv_num, kv_idx, nk)
+    dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
+                  PREC=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8, num_stages=1)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
+    qk_scale = float(scale) * LOG2E
+    _bwd_dq_kernel[(nq, B * Hq)](q, k, v, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
+                                 *strides, *dims, **common)
+    _bwd_dkdv_kernel[(nk, B * Hkv)](q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, qk_scale,
+                                    float(scale), *strides, *dims, **common)
+    return dq, dk, dv

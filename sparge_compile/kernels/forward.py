@@ -1,0 +1,97 @@
+"""Triton sparse attention forward: FlashAttention-style online softmax over kept key blocks.
+
+One program per (query block, batch x query head). It walks the row's index list
+(kv_indices[:kv_num_blocks]); dropped key blocks are never loaded. Scores are scaled by
+scale·log2(e) and exponentiated with exp2; the accumulators are fp32; the row's
+log-sum-exp (natural log) is saved for the backward pass. Causal masking (SDPA's, top-left)
+is applied element-wise inside blocks that cross the diagonal.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import cdiv
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
+                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                Hq, G, Nq, Nk, nq, nk, D,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=(offs_m < Nq)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row = bh * nq + i
+    n_kept = tl.load(KvNum + row)
+    for t in range(n_kept):
+        j = tl.load(KvIdx + row * nk + t)
+        offs_k = j * BLOCK_N + offs_n
+        k_ok = offs_k < Nk
+        kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd,
+                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        valid = k_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (offs_k[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    m_ok = offs_m < Nq
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + bh * Nq + offs_m, lse, mask=m_ok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (no tf32), as the reference promises."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    num_warps = 4 if D <= 64 else 8
+    _fwd_kernel[(nq, B * Hq)](
+        q, k, v, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
+        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
+        PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
+    return out, lse
+
+
+__all__ = ["attention_fwd_triton", "LOG2E", "math"]
