@@ -47,9 +47,9 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
         j = tl.load(KvIdx + row * nk + t)
         offs_k = j * BLOCK_N + offs_n
         k_ok = offs_k < Nk
-        kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd,
-                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = k_ok[None, :]
         if IS_CAUSAL:
             valid = valid & (offs_k[None, :] <= offs_m[:, None])
@@ -77,20 +77,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+                         num_warps=None, num_stages=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
-    num_warps = 4 if D <= 64 else 8
+    if num_warps is None:
+        num_warps = 4 if D <= 64 else 8
+    if num_stages is None:
+        num_stages = 2
     _fwd_kernel[(nq, B * Hq)](
         q, k, v, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-        PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=2)
+        PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 

@@ -1,0 +1,67 @@
+"""Shared checks for the kernel tests (CPU interpreter and GPU): random inputs, the tie-aware
+mask comparison, and relative-error helpers against the float64 reference."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import sparge_compile as sc
+from sparge_compile import reference as R
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_qkv(seed, B, Hq, Hkv, Nq, Nk, D, dtype, device="cpu", requires_grad=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g)
+    k = torch.randn(B, Hkv, Nk, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g)
+    # a per-block offset gives the block scores structure (so masks are not all-or-nothing)
+    q = q + 0.5 * torch.randn(B, Hq, 1, D, generator=g)
+    k = k + torch.randn(B, Hkv, Nk, 1, generator=g).sign() * 0.3
+    out = [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in (q, k, v)]
+    return out
+
+
+def mask_mismatch_is_tie(q, k, kern_dense, cfg: sc.SpargeConfig, is_causal, eps=1e-4):
+    """True iff every row where the kernel's mask differs from the float64 reference is a
+    near-tie: the differing blocks sit at the cut with probabilities within eps of the cut
+    value, or the Top-p cumulative mass at the cut is within eps of topp."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qd, kd = q.detach().double().cpu(), k.detach().double().cpu()
+    ref = R.reference_block_mask(qd, kd, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
+                                 cfg.block_q, cfg.block_k)
+    kern = kern_dense.cpu()
+    diff = kern != ref
+    if not diff.any():
+        return True, ref
+    p = R.block_scores(qd, kd, scale, is_causal, cfg.block_q, cfg.block_k)
+    vis = R.visible_blocks(q.shape[2], k.shape[2], cfg.block_q, cfg.block_k, is_causal)
+    for idx in diff.any(-1).nonzero().tolist():
+        row_p = p[tuple(idx)].masked_fill(~vis[idx[-1]], -1.0)
+        ps, _ = torch.sort(row_p, descending=True, stable=True)
+        before = torch.cumsum(ps.clamp_min(0), 0) - ps.clamp_min(0)
+        c = int((ref[tuple(idx)] & vis[idx[-1]]).sum())
+        cut_vals = [ps[t] for t in (c - 2, c - 1, c) if 0 <= t < len(ps)]
+        cut_mass = [before[t] for t in (c - 1, c, c + 1) if 0 <= t < len(ps)]
+        for j in diff[tuple(idx)].nonzero().flatten().tolist():
+            near_val = any(abs(float(row_p[j] - cv)) < eps for cv in cut_vals)
+            near_mass = any(abs(float(cm - cfg.topp)) < eps for cm in cut_mass)
+            if not (near_val or near_mass):
+                return False, ref
+    return True, ref
+
+
+def reference_out_and_grads(q, k, v, dense_mask, cfg, is_causal, dout=None):
+    qd, kd, vd = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref = R.masked_attention(qd, kd, vd, dense_mask.cpu(), None, is_causal, cfg.block_q, cfg.block_k)
+    if dout is None:
+        return ref, None
+    grads = torch.autograd.grad(ref, (qd, kd, vd), dout.double().cpu())
+    return ref, grads

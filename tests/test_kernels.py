@@ -1,0 +1,153 @@
+"""Property tests of the Triton kernels (CPU: Triton's interpreter) against the float64 reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparge_compile as sc
+from sparge_compile import reference as R
+from sparge_compile.kernels import mask as mask_kernel
+
+from kernel_checks import TOL, make_qkv, mask_mismatch_is_tie, reference_out_and_grads, rel_err
+
+blocks = st.sampled_from([16, 32])
+
+
+@st.composite
+def problems(draw, max_n=96, dtypes=(torch.float32, torch.float16), head_dims=(32, 64)):
+    Hkv = draw(st.integers(1, 2))
+    return dict(
+        seed=draw(st.integers(0, 2**31 - 1)),
+        B=draw(st.integers(1, 2)), Hkv=Hkv, Hq=Hkv * draw(st.integers(1, 2)),
+        Nq=draw(st.integers(1, max_n)), Nk=draw(st.integers(1, max_n)),
+        D=draw(st.sampled_from(head_dims)), dtype=draw(st.sampled_from(dtypes)),
+        causal=draw(st.booleans()),
+        cfg=sc.SpargeConfig(topk=draw(st.floats(0, 1)), topp=draw(st.floats(0, 1)),
+                            mode=draw(st.sampled_from(["hybrid", "topk", "topp"])),
+                            block_q=draw(blocks), block_k=draw(blocks), min_seq_len=0),
+    )
+
+
+def _inputs(pb, requires_grad=False):
+    return make_qkv(pb["seed"], pb["B"], pb["Hq"], pb["Hkv"], pb["Nq"], pb["Nk"], pb["D"], pb["dtype"],
+                    requires_grad=requires_grad)
+
+
+@given(problems())
+def test_mask_matches_reference(pb):
+    q, k, _ = _inputs(pb)
+    m = sc.predict_block_mask(q, k, is_causal=pb["causal"], config=pb["cfg"])
+    dense = m.to_dense()
+    ok, ref = mask_mismatch_is_tie(q, k, dense, pb["cfg"], pb["causal"])
+    assert ok, f"mask differs from the reference beyond near-ties: {(dense != ref).sum()} blocks"
+    # every query block keeps at least one key block; kept indices are valid and ascending
+    assert (m.kv_num_blocks >= 1).all()
+    nk = dense.shape[-1]
+    idx = m.kv_indices.long()
+    assert ((idx >= 0) & (idx < nk)).all()
+    assert (idx.sort(-1).values == torch.arange(nk)).all(), "kv_indices must be a permutation"
+
+
+@given(problems())
+def test_kept_count_is_max_of_rules(pb):
+    """Without causal forcing, each row keeps exactly max(c_k, c_p, 1) (c for one-rule modes)."""
+    pb["causal"] = False
+    q, k, _ = _inputs(pb)
+    cfg = pb["cfg"]
+    m = sc.predict_block_mask(q, k, config=cfg)
+    scale = 1.0 / math.sqrt(pb["D"])
+    p = R.block_scores(q.double(), k.double(), scale, False, cfg.block_q, cfg.block_k)
+    nvis = torch.full(p.shape[:-1], p.shape[-1])
+    c_k, c_p, c = R.keep_counts(p, nvis, cfg.topk, cfg.topp, cfg.mode)
+    expect = {"hybrid": torch.maximum(c_k, c_p), "topk": c_k, "topp": c_p}[cfg.mode].clamp_min(1)
+    assert torch.equal(c, expect)
+    got = m.kv_num_blocks.long()
+    if not torch.equal(got, c):
+        ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), cfg, False)
+        assert ok and (got - c).abs().max() <= 1
+
+
+@given(problems())
+def test_forward_matches_float64_reference(pb):
+    q, k, v = _inputs(pb)
+    out, m = sc.sparse_attention(q, k, v, is_causal=pb["causal"], config=pb["cfg"], return_mask=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    ref, _ = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"])
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[pb["dtype"]]
+
+
+@settings(max_examples=12)
+@given(problems(max_n=80))
+def test_backward_matches_float64_reference(pb):
+    q, k, v = _inputs(pb, requires_grad=True)
+    out, m = sc.sparse_attention(q, k, v, is_causal=pb["causal"], config=pb["cfg"], return_mask=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == pb["dtype"]
+        assert rel_err(g, r) < 2 * TOL[pb["dtype"]], f"d{name}"
+
+
+@settings(max_examples=8)
+@given(problems(max_n=80, dtypes=(torch.float32,)), st.sampled_from(["topk", "topp"]))
+def test_full_budget_equals_dense_sdpa(pb, rule):
+    cfg = pb["cfg"].replace(mode="hybrid", **{rule: 1.0})
+    q, k, v = _inputs(pb)
+    out, m = sc.sparse_attention(q, k, v, is_causal=pb["causal"], config=cfg, return_mask=True)
+    assert m.sparsity() == pytest.approx(0.0, abs=1e-9)
+    Hq, Hkv = q.shape[1], k.shape[1]
+    dense = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(Hq // Hkv, 1),
+                                           v.double().repeat_interleave(Hq // Hkv, 1),
+                                           is_causal=pb["causal"])
+    assert rel_err(out, dense) < TOL[pb["dtype"]]
+
+
+@settings(max_examples=8)
+@given(problems(max_n=96, dtypes=(torch.float32,)), st.integers(0, 3))
+def test_sparsity_falls_as_budget_rises(pb, which):
+    q, k, _ = _inputs(pb)
+    cfg = pb["cfg"].replace(mode="hybrid")
+    grid = [0.0, 0.1, 0.3, 0.6, 1.0]
+    field = "topk" if which % 2 else "topp"
+    sp = [sc.predict_block_mask(q, k, is_causal=pb["causal"], config=cfg.replace(**{field: x})).sparsity()
+          for x in grid]
+    assert all(a >= b - 1e-12 for a, b in zip(sp, sp[1:])), sp
+    assert sp[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+@settings(max_examples=6)
+@given(problems(max_n=96))
+def test_bisection_path_matches_reference(pb, monkeypatch_bisect=None):
+    """The large-nk selection path (bit-pattern bisection), forced on small shapes."""
+    mask_kernel._FORCE_BISECTION = True
+    try:
+        q, k, _ = _inputs(pb)
+        m = sc.predict_block_mask(q, k, is_causal=pb["causal"], config=pb["cfg"])
+        ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), pb["cfg"], pb["causal"])
+        assert ok
+    finally:
+        mask_kernel._FORCE_BISECTION = False
+
+
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+def test_head_dims(D):
+    q, k, v = make_qkv(D, 1, 2, 1, 40, 50, D, torch.float32)
+    cfg = sc.SpargeConfig(topk=0.3, topp=0.3, block_q=16, block_k=16, min_seq_len=0)
+    out, m = sc.sparse_attention(q, k, v, config=cfg, return_mask=True)
+    ref, _ = reference_out_and_grads(q, k, v, m.to_dense(), cfg, False)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_sink_row_keeps_more_than_topp_alone():
+    """Paper's example: a row dominated by a sink keeps more blocks under hybrid than Top-p."""
+    p = torch.tensor([[0.6, 0.2, 0.1, 0.05, 0.05]], dtype=torch.float64)
+    n = torch.tensor([5])
+    assert R.keep_counts(p, n, 0.0, 0.6, "topp")[2].item() == 1
+    assert R.keep_counts(p, n, 0.5, 0.6, "hybrid")[2].item() == 3

@@ -1,0 +1,83 @@
+"""GPU suite (run on a CUDA machine with `pytest -m gpu`): bf16, large shapes, no recompiles."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparge_compile as sc
+from sparge_compile.kernels import torch_impl
+
+from kernel_checks import TOL, make_qkv, mask_mismatch_is_tie, reference_out_and_grads, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+@st.composite
+def gpu_problems(draw):
+    Hkv = draw(st.integers(1, 2))
+    return dict(
+        seed=draw(st.integers(0, 2**31 - 1)), B=draw(st.integers(1, 2)), Hkv=Hkv,
+        Hq=Hkv * draw(st.sampled_from([1, 2, 3])), Nq=draw(st.integers(1, 700)),
+        Nk=draw(st.integers(1, 700)), D=draw(st.sampled_from([32, 64, 96, 128, 256])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32])),
+        causal=draw(st.booleans()),
+        cfg=sc.SpargeConfig(topk=draw(st.floats(0, 1)), topp=draw(st.floats(0, 1)),
+                            mode=draw(st.sampled_from(["hybrid", "topk", "topp"])),
+                            block_q=draw(st.sampled_from([64, 128])),
+                            block_k=draw(st.sampled_from([32, 64])), min_seq_len=0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(gpu_problems())
+def test_gpu_matches_float64_reference(pb):
+    q, k, v = make_qkv(pb["seed"], pb["B"], pb["Hq"], pb["Hkv"], pb["Nq"], pb["Nk"], pb["D"], pb["dtype"],
+                       device="cuda", requires_grad=True)
+    out, m = sc.sparse_attention(q, k, v, is_causal=pb["causal"], config=pb["cfg"], return_mask=True)
+    ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), pb["cfg"], pb["causal"])
+    assert ok
+    assert (m.kv_num_blocks >= 1).all()
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
+    tol = TOL[pb["dtype"]] * (30 if pb["dtype"] == torch.float32 else 1)  # fp32 on GPU: exact dots
+    assert rel_err(out.cpu(), ref) < tol
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g.cpu(), r) < 2 * tol, f"d{name}"
+
+
+@pytest.mark.parametrize("N", [8192, 32768])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_large_bf16(N, D, causal):
+    """bf16 at long sequence lengths against a float32 reference on the GPU (chunked)."""
+    H = 2
+    q, k, v = make_qkv(N + D, 1, H, H, N, N, D, torch.bfloat16, device="cuda", requires_grad=True)
+    cfg = sc.SpargeConfig(topk=0.03, topp=0.2)
+    out, m = sc.sparse_attention(q, k, v, is_causal=causal, config=cfg, return_mask=True)
+    assert 0.5 < m.sparsity() < 1.0
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qf, kf, vf = (x.detach().float() for x in (q, k, v))
+    scale = D ** -0.5
+    ref, lse = torch_impl.attention_fwd(qf, kf, vf, m.kv_num_blocks, m.kv_indices, scale, causal, 128, 64)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    ref_grads = torch_impl.attention_bwd(dout.float(), qf, kf, vf, ref, lse, m.kv_num_blocks, m.kv_indices,
+                                         scale, causal, 128, 64)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g, r) < TOL[torch.bfloat16], f"d{name}"
+
+
+def test_gpu_topk_topp_change_does_not_recompile():
+    from sparge_compile.kernels import mask as mk
+
+    q, k, _ = make_qkv(0, 1, 2, 2, 4096, 4096, 128, torch.bfloat16, device="cuda")
+    sc.predict_block_mask(q, k, config=sc.SpargeConfig(topk=0.1, topp=0.1))
+    caches = getattr(mk._select_kernel, "device_caches", None)
+    assert caches, "Triton JITFunction.device_caches not found"
+    before = sum(len(c[0]) for c in caches.values())
+    for t in (0.02, 0.05, 0.3):
+        sc.predict_block_mask(q, k, config=sc.SpargeConfig(topk=t, topp=t / 2))
+    after = sum(len(c[0]) for c in caches.values())
+    assert before == after >= 1
