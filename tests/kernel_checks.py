@@ -13,8 +13,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    """‖a − b‖ / ‖b‖, with ‖b‖ floored at 1e-3·sqrt(numel) (a reference gradient can be exactly
+    zero, e.g. a row that sees one key, where rounding noise would make the ratio meaningless)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5))
 
 
 def make_qkv(seed, B, Hq, Hkv, Nq, Nk, D, dtype, device="cpu", requires_grad=False):

@@ -115,7 +115,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+                         num_warps=None, num_stages=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -127,7 +128,8 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
     common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-                  PREC=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8, num_stages=1)
+                  PREC=dot_precision(q.dtype), num_warps=num_warps or (4 if D <= 64 else 8),
+                  num_stages=num_stages or 1)
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E

@@ -24,7 +24,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+                EVEN_D: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -33,7 +34,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    d_ok = (offs_d < D) if not EVEN_D else (offs_d < BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=(offs_m < Nq)[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + hk * skh
@@ -46,21 +47,26 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     for t in range(n_kept):
         j = tl.load(KvIdx + row * nk + t)
         offs_k = j * BLOCK_N + offs_n
-        k_ok = offs_k < Nk
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
+        if EVEN_N and EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = k_ok[None, :]
+        if not EVEN_N:
+            s = tl.where((offs_k < Nk)[None, :], s, float("-inf"))
         if IS_CAUSAL:
-            valid = valid & (offs_k[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+            s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if EVEN_N and EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -94,7 +100,8 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-        PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
+        num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 

@@ -1,7 +1,8 @@
 """Triton mask prediction: mean-pool Q/K blocks, score, hybrid Top-k + Top-p selection.
 
-Two launches: one pools the query and key blocks (fp32, head dim padded to a power of two),
-one per tile of query blocks scores every key block, takes the softmax, and keeps the
+Launches: pooling of the query and of the key blocks (fp32, head dim padded to a power of
+two); block scores q̄·k̄ᵀ·scale (fp32); per tile of query blocks the softmax and the
+selection, which keeps the
 max(c_k, c_p, 1) best blocks (ties to the lower index) plus, causal, the diagonal blocks.
 It writes FlexAttention-style kv_num_blocks / kv_indices (kept blocks ascending, then the
 dropped ones ascending). topk and topp are runtime values: changing them never recompiles.
@@ -34,23 +35,35 @@ def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
 
 
 @triton.jit
-def _select_kernel(QB, KB, KvNum, KvIdx, scale, topk, topp, Hq, G, Nq, Nk, nq, nk,
-                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                   NK_P2: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   MODE: tl.constexpr, PAIRWISE: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+def _score_kernel(QB, KB, S, scale, Hq, G, nq, nk,
+                  TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S[b, h, i, j] = q̄_i · k̄_j · scale (fp32, exact products)."""
+    ti = tl.program_id(0)
+    tj = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // Hq
-    hk = (bh % Hq) // G
-    bhk = b * (Hq // G) + hk
-    ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
-    cj = tl.arange(0, NK_P2)  # key-block indices
+    bhk = b * (Hq // G) + (bh % Hq) // G
+    ri = ti * TILE + tl.arange(0, TILE)
+    cj = tj * TILE + tl.arange(0, TILE)
     dd = tl.arange(0, BLOCK_D)
     qb = tl.load(QB + (bh * nq + ri)[:, None] * BLOCK_D + dd[None, :], mask=(ri < nq)[:, None], other=0.0)
     kb = tl.load(KB + (bhk * nk + cj)[:, None] * BLOCK_D + dd[None, :], mask=(cj < nk)[:, None], other=0.0)
-    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale  # (BLOCK_M, NK_P2)
+    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale
+    tl.store(S + (bh * nq + ri)[:, None] * nk + cj[None, :], s, mask=(ri < nq)[:, None] & (cj < nk)[None, :])
 
+
+@triton.jit
+def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
+                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   MODE: tl.constexpr, PAIRWISE: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
+    cj = tl.arange(0, NK_P2)  # key-block indices
     vis = (cj < nk)[None, :] & (ri < nq)[:, None]
+    s = tl.load(S + (bh * nq + ri)[:, None] * nk + cj[None, :], mask=vis, other=0.0)
+
     if IS_CAUSAL:
         last_row = tl.minimum((ri + 1) * BQ, Nq) - 1
         vis = vis & ((cj * BK)[None, :] <= last_row[:, None])
@@ -161,7 +174,8 @@ def pool_blocks_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
-def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
+def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k,
+                        block_m=None, num_warps=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -173,12 +187,18 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
     if interp:  # few programs: the interpreter's cost is per operation, not per element
         BLOCK_M = max(16, min(triton.next_power_of_2(nq), 64 if pairwise else 256))
     else:
-        BLOCK_M = 16 if pairwise else max(16, min(64, 4096 // NK_P2))
+        BLOCK_M = 4 if pairwise else max(1, min(64, 4096 // NK_P2))
+    if block_m is not None:
+        BLOCK_M = block_m
+    scores = torch.empty((B, Hq, nq, nk), dtype=torch.float32, device=q.device)
+    TILE = 64 if not interp else max(16, min(64, triton.next_power_of_2(max(nq, nk))))
+    _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
+        qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1], num_warps=4)
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=q.device)
     grid = (cdiv(nq, BLOCK_M), B * Hq)
-    _select_kernel[grid](qb, kb, num, idx, float(scale), float(topk), float(topp), Hq, Hq // Hkv,
-                         Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
-                         BLOCK_D=qb.shape[-1], IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise,
-                         num_warps=4)
+    _select_kernel[grid](scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
+                         BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
+                         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise,
+                         num_warps=num_warps or (4 if BLOCK_M * NK_P2 <= 2048 else 8))
     return num, idx
