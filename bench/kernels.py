@@ -1,0 +1,439 @@
+"""Kernel speed table: sparge vs SDPA (cuDNN, FlashAttention) and FlexAttention on the same mask.
+
+For each shape (B, H, N, D) and target sparsity, the mask comes from our own predictor, tuned to
+that sparsity (mode "topk", topp = 0, topk found from the block count and checked by bisection
+on the data), and the very same mask is handed to FlexAttention through
+``SpargeBlockMask.to_flex()``. Timed in one run, forward and forward+backward:
+
+* SDPA cuDNN and FlashAttention, dense (``sdpa_kernel`` with one backend), plus SDPA's default
+* FlexAttention (compiled) on the same 128x64 mask; and at 128x128 blocks at the same sparsity
+  (its backward does not compile for 128x64 blocks on torch 2.11, see DESIGN.md section 3)
+* sparge mask prediction alone, sparge kernel alone (given the mask), sparge total
+
+plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
+measurement is guarded: a failing baseline records its error string and the run goes on.
+
+    python -m bench.kernels --out results                       # the full table (GPU)
+    python -m bench.kernels --shapes 32768x128 --sparsities 0,95 --out results
+    python -m bench.kernels --quick --out /tmp/b                # tiny CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/kernels.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from bench import common as C
+
+FULL_SHAPES = [(8192, 64), (8192, 128), (32768, 64), (32768, 128), (75600, 64), (75600, 128)]
+QUICK_SHAPES = [(256, 64)]
+FULL_SPARSITIES = [0.0, 0.5, 0.8, 0.9, 0.95, 0.97]
+QUICK_SPARSITIES = [0.0, 0.9]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning a mask to a target sparsity
+
+
+def tune_config(q, k, target: float, base, is_causal: bool = False, iters: int = 30):
+    """(config, mask) whose predicted mask on (q, k) has sparsity closest to ``target``.
+
+    Uses mode "topk" with topp = 0: the kept count per row is ceil(topk * visible blocks), so
+    the first guess (keep - 0.5) / nk is exact for non-causal masks; otherwise (causal, or a
+    predictor that rounds differently) bisection on topk over the predictor on this data.
+    """
+    import sparge_compile as sc
+
+    nk = math.ceil(k.shape[2] / base.block_k)
+    base = base.replace(mode="topk", topp=0.0, min_seq_len=0)
+
+    def predict(topk):
+        cfg = base.replace(topk=float(min(1.0, max(0.0, topk))))
+        m = sc.predict_block_mask(q, k, is_causal=is_causal, config=cfg)
+        return cfg, m, m.sparsity()
+
+    if target <= 0:
+        return predict(1.0)[:2]
+    keep = max(1, round((1.0 - target) * nk))
+    best = predict((keep - 0.5) / nk)
+    tol = 0.5 / nk
+    if abs(best[2] - target) <= tol:
+        return best[:2]
+    lo, hi = 0.0, 1.0  # sparsity decreases as topk grows
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        cand = predict(mid)
+        if abs(cand[2] - target) < abs(best[2] - target):
+            best = cand
+        if abs(cand[2] - target) <= tol:
+            break
+        if cand[2] > target:
+            lo = mid
+        else:
+            hi = mid
+    return best[:2]
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _fwd_bwd(fn, dout):
+    def run():
+        fn().backward(dout)
+    return run
+
+
+def _flex_fn(compile_flex: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compile_flex:
+        return torch.compile(flex_attention, dynamic=False)
+    return flex_attention
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def measure_dense(q, k, v, qg, kg, vg, dout, device, timing, bwd: bool) -> dict:
+    """Dense SDPA baselines (cuDNN, flash, default dispatch): forward and forward+backward ms."""
+    from torch.nn.attention import sdpa_kernel
+
+    res, errors = {}, {}
+    backends = dict(_sdpa_backends())
+    backends["default"] = None
+    for name, be in backends.items():
+        def timed(fn, be=be, **kw):
+            if be is None:
+                return C.time_fn(fn, device, **timing, **kw)
+            with sdpa_kernel(be):
+                return C.time_fn(fn, device, **timing, **kw)
+
+        res[f"sdpa_{name}_fwd_ms"] = C.guarded(
+            lambda: timed(lambda: F.scaled_dot_product_attention(q, k, v)), errors, f"sdpa_{name}_fwd")
+        if bwd:
+            res[f"sdpa_{name}_fwdbwd_ms"] = C.guarded(
+                lambda: timed(_fwd_bwd(lambda: F.scaled_dot_product_attention(qg, kg, vg), dout),
+                              grad_to_none=[qg, kg, vg]),
+                errors, f"sdpa_{name}_fwdbwd")
+    res["errors"] = errors
+    return res
+
+
+def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex, bwd: bool,
+                  check: bool, flex_square: bool) -> dict:
+    """Every timing at one (shape, target sparsity); missing entries are None, with an error."""
+    import sparge_compile as sc
+
+    errors: dict = {}
+    row: dict = {"sparsity_target": target}
+    tuned = C.guarded(lambda: tune_config(q, k, target, base), errors, "tune")
+    if tuned is None:
+        row["errors"] = errors
+        return row
+    cfg, mask = tuned
+    row.update(topk=cfg.topk, sparsity=mask.sparsity(), block_q=cfg.block_q, block_k=cfg.block_k)
+    t = dict(timing)
+    grads = [qg, kg, vg]
+
+    row["predict_ms"] = C.guarded(
+        lambda: C.time_fn(lambda: sc.predict_block_mask(q, k, config=cfg), device, **t), errors, "predict")
+    row["sparge_kernel_fwd_ms"] = C.guarded(
+        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, block_mask=mask), device, **t),
+        errors, "sparge_kernel_fwd")
+    row["sparge_fwd_ms"] = C.guarded(
+        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, config=cfg), device, **t),
+        errors, "sparge_fwd")
+    if bwd:
+        row["sparge_kernel_fwdbwd_ms"] = C.guarded(
+            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, block_mask=mask), dout),
+                              device, grad_to_none=grads, **t), errors, "sparge_kernel_fwdbwd")
+        row["sparge_fwdbwd_ms"] = C.guarded(
+            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, config=cfg), dout),
+                              device, grad_to_none=grads, **t), errors, "sparge_fwdbwd")
+
+    # FlexAttention on the very same mask (128x64 blocks by default)
+    bm = C.guarded(mask.to_flex, errors, "flex_block_mask")
+    if bm is not None and flex is not None:
+        row["flex_fwd_ms"] = C.guarded(
+            lambda: C.time_fn(lambda: flex(q, k, v, block_mask=bm), device, **t), errors, "flex_fwd")
+        if bwd:
+            row["flex_fwdbwd_ms"] = C.guarded(
+                lambda: C.time_fn(_fwd_bwd(lambda: flex(qg, kg, vg, block_mask=bm), dout), device,
+                                  grad_to_none=grads, **t), errors, "flex_fwdbwd")
+    # FlexAttention at square blocks (block_q x block_q), tuned to the same sparsity
+    if flex_square and flex is not None and base.block_k != base.block_q:
+        sq = C.guarded(lambda: tune_config(q, k, target, base.replace(block_k=base.block_q)),
+                       errors, "tune_square")
+        if sq is not None:
+            row["flex_sq_sparsity"] = sq[1].sparsity()
+            bm_sq = C.guarded(sq[1].to_flex, errors, "flex_sq_block_mask")
+            if bm_sq is not None:
+                row["flex_sq_fwd_ms"] = C.guarded(
+                    lambda: C.time_fn(lambda: flex(q, k, v, block_mask=bm_sq), device, **t),
+                    errors, "flex_sq_fwd")
+                if bwd:
+                    row["flex_sq_fwdbwd_ms"] = C.guarded(
+                        lambda: C.time_fn(_fwd_bwd(lambda: flex(qg, kg, vg, block_mask=bm_sq), dout),
+                                          device, grad_to_none=grads, **t), errors, "flex_sq_fwdbwd")
+
+    if check:  # relative error against float32 SDPA on the same mask
+        ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
+                        errors, "reference")
+        if ref is not None:
+            out = C.guarded(lambda: sc.sparse_attention(q, k, v, block_mask=mask), errors, "sparge_out")
+            if out is not None:
+                row["sparge_rel_err"] = C.rel_l2(out, ref)
+            if bm is not None and flex is not None:
+                fo = C.guarded(lambda: flex(q, k, v, block_mask=bm), errors, "flex_out")
+                if fo is not None:
+                    row["flex_rel_err"] = C.rel_l2(fo, ref)
+            del ref
+    row["errors"] = errors
+    return row
+
+
+def add_ratios(row: dict, dense: dict, flops_fwd: float) -> None:
+    """Ratios the issue asks for (<1 means sparge is faster for the *_over_* time ratios)."""
+    g = row.get
+    row["sparge_over_flex_fwd"] = C.ratio(g("sparge_fwd_ms"), g("flex_fwd_ms"))
+    row["sparge_kernel_over_flex_fwd"] = C.ratio(g("sparge_kernel_fwd_ms"), g("flex_fwd_ms"))
+    row["sparge_over_flex_sq_fwdbwd"] = C.ratio(g("sparge_fwdbwd_ms"), g("flex_sq_fwdbwd_ms"))
+    row["sparge_over_flex_fwdbwd"] = C.ratio(g("sparge_fwdbwd_ms"), g("flex_fwdbwd_ms"))
+    cudnn_f = dense.get("sdpa_cudnn_fwd_ms") or dense.get("sdpa_default_fwd_ms")
+    cudnn_fb = dense.get("sdpa_cudnn_fwdbwd_ms") or dense.get("sdpa_default_fwdbwd_ms")
+    row["speedup_vs_dense_fwd"] = C.ratio(cudnn_f, g("sparge_fwd_ms"))
+    row["speedup_vs_dense_fwdbwd"] = C.ratio(cudnn_fb, g("sparge_fwdbwd_ms"))
+    row["flex_speedup_vs_dense_fwd"] = C.ratio(cudnn_f, g("flex_fwd_ms"))
+    row["flex_sq_speedup_vs_dense_fwdbwd"] = C.ratio(cudnn_fb, g("flex_sq_fwdbwd_ms"))
+    if g("sparge_fwd_ms"):
+        row["sparge_fwd_eff_tflops"] = flops_fwd / (g("sparge_fwd_ms") * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+FWD_COLUMNS = [
+    ("N", "N"), ("D", "D"), ("sparsity", "sparsity"),
+    ("sdpa_cudnn_fwd_ms", "cuDNN dense"), ("sdpa_flash_fwd_ms", "FA2 dense"),
+    ("flex_fwd_ms", "Flex (same mask)"), ("predict_ms", "predict"),
+    ("sparge_kernel_fwd_ms", "sparge kernel"), ("sparge_fwd_ms", "sparge total"),
+    ("sparge_over_flex_fwd", "total/Flex"), ("speedup_vs_dense_fwd", "speed-up vs dense"),
+    ("sparge_rel_err", "rel err"),
+]
+BWD_COLUMNS = [
+    ("N", "N"), ("D", "D"), ("sparsity", "sparsity"),
+    ("sdpa_cudnn_fwdbwd_ms", "cuDNN dense"), ("sdpa_flash_fwdbwd_ms", "FA2 dense"),
+    ("flex_fwdbwd_ms", "Flex (same mask)"), ("flex_sq_fwdbwd_ms", "Flex square blocks"),
+    ("sparge_kernel_fwdbwd_ms", "sparge kernel"), ("sparge_fwdbwd_ms", "sparge total"),
+    ("sparge_over_flex_sq_fwdbwd", "total/Flex square"),
+    ("speedup_vs_dense_fwdbwd", "speed-up vs dense"),
+]
+
+
+def _errors_table(rows: list[dict]) -> str:
+    seen = {}
+    for r in rows:
+        for key, msg in (r.get("errors") or {}).items():
+            seen.setdefault((key, msg), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
+    if not seen:
+        return "none"
+    out = [{"what": k, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else ""), "error": m[:160]}
+           for (k, m), v in seen.items()]
+    return C.table(out, [("what", "measurement"), ("where", "points"), ("error", "error")])
+
+
+def fmt_pct(x):
+    return "-" if x is None else f"{100 * x:g}%"
+
+
+def markdown(result: dict) -> list[tuple[str, str]]:
+    rows = result["rows"]
+    a = result["args"]
+    note = (f"B={a['B']}, H={a['H']}, {a['dtype']}, blocks {a['block_q']}x{a['block_k']} "
+            f"(Flex square: {a['block_q']}x{a['block_q']}); times in ms, "
+            f"{'median of triton.testing.do_bench' if result['env']['device'].startswith('cuda') else 'CPU wall clock'}. "
+            "total = mask prediction + kernel. Ratios < 1 mean sparge is faster.\n\n")
+    return [
+        ("Forward", note + C.table(rows, FWD_COLUMNS)),
+        ("Forward + backward", C.table(rows, BWD_COLUMNS)),
+        ("Failed measurements", _errors_table(rows)),
+    ]
+
+
+def plot(result: dict, path: Path):
+    plt = C.plt()
+    if plt is None or not result["rows"]:
+        return None
+    shapes = sorted({(r["N"], r["D"]) for r in result["rows"]})
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.2 * len(shapes)), squeeze=False)
+    series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"), ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
+              ("fwd+bwd", [("speedup_vs_dense_fwdbwd", "sparge total"),
+                           ("flex_sq_speedup_vs_dense_fwdbwd", "Flex, square blocks")])]
+    for i, (N, D) in enumerate(shapes):
+        rows = sorted((r for r in result["rows"] if (r["N"], r["D"]) == (N, D)),
+                      key=lambda r: r.get("sparsity_target", 0))
+        for j, (title, keys) in enumerate(series):
+            ax = axes[i][j]
+            for key, label in keys:
+                pts = [(100 * r["sparsity_target"], r.get(key)) for r in rows if r.get(key)]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=label)
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set_title(f"N={N}, D={D}, {title}")
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel("speed-up vs cuDNN dense")
+            ax.set_yscale("log")
+            if ax.lines[:-1]:
+                ax.legend(fontsize=8)
+    return C.save_fig(fig, path)
+
+
+def write(result: dict, out: Path) -> dict:
+    out = Path(out)
+    files = {"json": str(C.write_json(out / "kernels.json", result))}
+    files["md"] = str(C.write_markdown(out / "kernels.md", "Kernel speed", markdown(result),
+                                       result["env"], result.get("command")))
+    png = C.guarded(lambda: plot(result, out / "kernels.png"), result.setdefault("report_errors", {}), "plot")
+    if png:
+        files["png"] = str(png)
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_shapes(text: str | None, quick: bool):
+    if not text:
+        return QUICK_SHAPES if quick else FULL_SHAPES
+    shapes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if "x" in item:
+            n, d = item.split("x")
+            shapes.append((int(n), int(d)))
+        else:  # N alone: both head dims
+            shapes += [(int(item), 64), (int(item), 128)]
+    return shapes
+
+
+def parse_sparsities(text: str | None, quick: bool):
+    if not text:
+        return QUICK_SPARSITIES if quick else FULL_SPARSITIES
+    vals = [float(x) for x in text.split(",") if x.strip()]
+    return [v / 100 if v > 1 else v for v in vals]  # 95 or 0.95
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", help="comma list of NxD (e.g. 32768x128,8192x64) or N (both D); "
+                   "default: N in {8192,32768,75600} x D in {64,128}")
+    p.add_argument("--sparsities", help="comma list in %% or fractions (default 0,50,80,90,95,97)")
+    p.add_argument("--B", type=int, default=None, help="batch (default 1)")
+    p.add_argument("--H", type=int, default=None, help="heads (default 12; --quick: 2)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (--quick: fp32)")
+    p.add_argument("--block-q", type=int, default=None, help="default 128 (--quick: 32)")
+    p.add_argument("--block-k", type=int, default=None, help="default 64 (--quick: 16)")
+    p.add_argument("--no-bwd", action="store_true", help="forward only")
+    p.add_argument("--no-check", action="store_true", help="skip the error against float32 SDPA")
+    p.add_argument("--no-flex-square", action="store_true", help="skip Flex at square blocks")
+    p.add_argument("--flex-compile", choices=["auto", "yes", "no"], default="auto",
+                   help="compile flex_attention (auto: on CUDA only)")
+    p.add_argument("--flex-cpu", action="store_true", help="also run FlexAttention on the CPU")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+
+
+def run(args, out: Path | None = None) -> dict:
+    from sparge_compile import SpargeConfig
+
+    quick = bool(getattr(args, "quick", False))
+    device = C.pick_device(quick)
+    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    B = args.B or 1
+    H = args.H or (2 if quick else 12)
+    bq = args.block_q or (32 if quick else 128)
+    bk = args.block_k or (16 if quick else 64)
+    shapes = parse_shapes(args.shapes, quick)
+    sparsities = parse_sparsities(args.sparsities, quick)
+    bwd = not args.no_bwd
+    compile_flex = args.flex_compile == "yes" or (args.flex_compile == "auto" and device.type == "cuda")
+    timing = dict(warmup=args.warmup, rep=args.rep, cpu_iters=1 if quick else 3, cpu_warmup=not quick)
+    base = SpargeConfig(topk=1.0, topp=0.0, block_q=bq, block_k=bk, mode="topk", min_seq_len=0)
+    C.bump_dynamo_cache()
+
+    result = {
+        "benchmark": "kernels",
+        "env": C.environment(device),
+        "command": C.command_line(),
+        "args": dict(B=B, H=H, dtype=str(dtype).replace("torch.", ""), block_q=bq, block_k=bk,
+                     shapes=[list(s) for s in shapes], sparsities=sparsities, bwd=bwd,
+                     check=not args.no_check, flex_compiled=compile_flex, quick=quick),
+        "dense": [],
+        "rows": [],
+    }
+    flex_errors: dict = {}
+    flex = None
+    if device.type == "cuda" or args.flex_cpu:
+        flex = C.guarded(lambda: _flex_fn(compile_flex), flex_errors, "flex_import")
+    else:
+        flex_errors["flex"] = "skipped on the CPU (eager FlexAttention is very slow there; --flex-cpu to run it)"
+    t_start = time.perf_counter()
+    with C.torch_path_on_cpu(device):
+        for N, D in shapes:
+            t0 = time.perf_counter()
+            print(f"[kernels] B={B} H={H} N={N} D={D} {dtype}", flush=True)
+            q, k, v = C.random_qkv(B, H, N, D, device, dtype, seed=N + D)
+            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            dout = C.randn((B, H, N, D), device, dtype, seed=7)
+            dense = measure_dense(q, k, v, qg, kg, vg, dout, device, timing, bwd)
+            dense.update(N=N, D=D)
+            result["dense"].append(dense)
+            flops = 4.0 * B * H * N * N * D
+            for s in sparsities:
+                row = measure_point(q, k, v, qg, kg, vg, dout, s, base, device, timing, flex, bwd,
+                                    check=not args.no_check, flex_square=not args.no_flex_square)
+                row.update(N=N, D=D, B=B, H=H, dtype=result["args"]["dtype"])
+                for key, val in dense.items():
+                    if key.endswith("_ms"):
+                        row[key] = val
+                row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
+                add_ratios(row, dense, flops)
+                result["rows"].append(row)
+                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {C.fmt(row.get('sparge_fwd_ms'))} ms, "
+                      f"flex {C.fmt(row.get('flex_fwd_ms'))} ms, err {C.fmt(row.get('sparge_rel_err'))}",
+                      flush=True)
+            del q, k, v, qg, kg, vg, dout
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            result["seconds"] = time.perf_counter() - t_start
+            print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+            if out is not None:  # after every shape: a run cut short keeps what it measured
+                write(result, out)
+    result["seconds"] = time.perf_counter() - t_start
+    if out is not None:
+        result["files"] = write(result, out)
+    return result
+
+
+def main(argv=None) -> int:
+    return C.module_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
