@@ -1,0 +1,308 @@
+"""Find attention sites in a Dynamo FX graph and decide, for each, whether it can be rewritten.
+
+A site is
+
+* a softmax whose input is (a chain of scales, casts and identities over) a matmul Q·Kᵀ and
+  whose output flows (through casts / eval dropout) into the left side of a matmul with V;
+* a call of ``F.scaled_dot_product_attention``;
+* a call of ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``).
+
+Every intermediate of a hand-written site must have no user outside the match; the softmax
+must be over the key axis; shapes, ranks, dtypes and head dims must fit the sparse op.
+Whatever cannot be proved to be plain softmax attention becomes a dense site with a reason.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+from ..config import HEAD_DIMS
+from .canonical import example_value
+from .graph import canon, single_user
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Operand:
+    """A tensor for the op: ``node`` with an optional permutation applied (``perm``)."""
+
+    node: fx.Node
+    perm: tuple | None = None
+
+    def shape(self):
+        ev = example_value(self.node)
+        s = tuple(ev.shape)
+        return tuple(s[i] for i in self.perm) if self.perm is not None else s
+
+
+@dataclass
+class Site:
+    kind: str                      # "matmul-softmax" | "sdpa" | "mha"
+    anchor: fx.Node                # its output is what the rewrite replaces
+    spelling: str = ""
+    rewrite: bool = False
+    reason: str = ""
+    q: Operand | None = None
+    k: Operand | None = None
+    v: Operand | None = None
+    out_perm: tuple | None = None
+    scale_parts: list = field(default_factory=list)
+    is_causal: bool = False
+    shapes: dict = field(default_factory=dict)
+    dtype: str = ""
+    matched: list = field(default_factory=list)   # intermediates removed by the rewrite
+    mha_args: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.anchor.name
+
+    def dense(self, reason: str) -> "Site":
+        self.rewrite, self.reason = False, reason
+        return self
+
+
+def _fmt(shape) -> tuple:
+    return tuple(int(s) if isinstance(s, int) else str(s) for s in shape)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return str(a) == str(b)
+
+
+def _spell(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return f".{t}"
+    return getattr(t, "__name__", str(t))
+
+
+def _swap_last(perm, r):
+    p = list(perm) if perm is not None else list(range(r))
+    p[-1], p[-2] = p[-2], p[-1]
+    return tuple(p)
+
+
+def _is_matmul_near(g: nx.DiGraph, n, depth=3) -> bool:
+    """Is there a matmul among the ancestors of n within ``depth`` steps?"""
+    frontier, seen = [n], {n}
+    for _ in range(depth + 1):
+        nxt = []
+        for x in frontier:
+            if canon(g, x).kind == "matmul":
+                return True
+            for p in g.predecessors(x):
+                if p not in seen:
+                    seen.add(p)
+                    nxt.append(p)
+        frontier = nxt
+    return False
+
+
+def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
+    sites = []
+    for n in gm.graph.nodes:
+        c = canon(g, n)
+        if c.kind == "softmax":
+            s = _match_softmax(g, n)
+        elif c.kind == "sdpa":
+            s = _match_sdpa(g, n)
+        elif c.kind == "mha":
+            s = _match_mha(g, n)
+        else:
+            continue
+        if s is not None:
+            sites.append(s)
+    return sites
+
+
+def _check_qkv(site: Site, gqa: bool = False) -> Site:
+    """Common checks on q/k/v operands (shapes in op layout (..., N, D))."""
+    qs, ks, vs = site.q.shape(), site.k.shape(), site.v.shape()
+    site.shapes = dict(q=_fmt(qs), k=_fmt(ks), v=_fmt(vs))
+    evq, evk, evv = (example_value(o.node) for o in (site.q, site.k, site.v))
+    site.dtype = str(evq.dtype).replace("torch.", "")
+    if not (len(qs) == len(ks) == len(vs)) or len(qs) not in (3, 4):
+        return site.dense(f"rank {len(qs)} q/k/v (the op takes rank 3 or 4)")
+    if not (evq.dtype == evk.dtype == evv.dtype) or evq.dtype not in DTYPES:
+        return site.dense(f"dtypes q={evq.dtype}, k={evk.dtype}, v={evv.dtype} (need one of fp16/bf16/fp32)")
+    if not (evq.device == evk.device == evv.device):
+        return site.dense("q, k, v on different devices")
+    if not (_same(qs[-1], ks[-1]) and _same(qs[-1], vs[-1])):
+        return site.dense(f"head dims differ (q {qs[-1]}, k {ks[-1]}, v {vs[-1]})")
+    if not _same(ks[-2], vs[-2]):
+        return site.dense("k and v lengths differ")
+    if not all(_same(a, b) for a, b in zip(ks[:-2], vs[:-2])):
+        return site.dense("k and v batch/head dims differ")
+    if len(qs) == 4 and gqa:
+        if not _same(qs[0], ks[0]):
+            return site.dense("q and k batch sizes differ (broadcast)")
+        hq, hk = qs[1], ks[1]
+        if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+            return site.dense(f"q heads {hq} not a multiple of k heads {hk}")
+    elif not all(_same(a, b) for a, b in zip(qs[:-2], ks[:-2])):
+        return site.dense(f"q batch/head dims {_fmt(qs[:-2])} differ from k's {_fmt(ks[:-2])} (broadcast)")
+    d = qs[-1]
+    d = int(d)  # a symbolic head dim is specialised here (a guard); sequence lengths never are
+    if d not in HEAD_DIMS:
+        return site.dense(f"head dim {d} unsupported (supported: {HEAD_DIMS})")
+    site.rewrite, site.reason = True, "rewritten"
+    return site
+
+
+# ---------------------------------------------------------------- hand-written softmax(QKᵀ)V
+def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
+    c_sm = canon(g, sm)
+    # walk back from the softmax to the score matmul
+    parts, chain, spell = [], [], []
+    n = c_sm.x
+    while isinstance(n, fx.Node) and canon(g, n).kind in ("scale", "cast", "identity"):
+        c = canon(g, n)
+        chain.append(n)
+        spell.append(_spell(n))
+        if c.kind == "scale":
+            parts.append((c.args["op"], c.args["factor"]))
+        n = c.x
+    if not isinstance(n, fx.Node) or canon(g, n).kind != "matmul":
+        if isinstance(n, fx.Node) and _is_matmul_near(g, n):
+            site = Site("matmul-softmax", sm, spelling=f"{_spell(n)} -> softmax")
+            return site.dense(f"scores pass through {_spell(n)} before the softmax (mask or bias)")
+        return None  # a softmax that is not attention
+    mm_s = n
+    cs = canon(g, mm_s)
+    site = Site("matmul-softmax", sm)
+    spell = [_spell(mm_s)] + spell[::-1] + [_spell(sm)]
+    site.spelling = " -> ".join(spell)
+    if c_sm.args["dim"] is None or c_sm.args["rank"] is None or c_sm.args["dim"] != c_sm.args["rank"] - 1:
+        return site.dense(f"softmax over axis {c_sm.args['dim']} of a rank-{c_sm.args['rank']} tensor, "
+                          "not the key axis")
+    if cs.args["bias"] is not None:
+        return site.dense(f"additive bias on the scores (baddbmm beta={cs.args.get('beta')})")
+    if cs.args["po"] is not None:
+        return site.dense("scores are permuted (einsum output not (..., q, k))")
+    for x in [mm_s] + chain:
+        if not single_user(g, x):
+            return site.dense(f"scores ({x.name}) have another user outside the attention")
+    if cs.args["alpha"] is not None:
+        parts.append(("mul", cs.args["alpha"]))
+    # walk forward from the softmax to the PV matmul
+    post, n = [], sm
+    while True:
+        if not single_user(g, n):
+            return site.dense(f"attention probabilities ({n.name}) are used elsewhere (returned or reused)")
+        u = next(iter(n.users))
+        cu = canon(g, u)
+        if cu.kind in ("cast", "identity") and cu.x is n:
+            post.append(u)
+            site.spelling += f" -> {_spell(u)}"
+            n = u
+            continue
+        if cu.kind == "dropout":
+            return site.dense(f"dropout (p={cu.args.get('p')}) on the attention probabilities in training")
+        if cu.kind == "matmul" and cu.args["a"] is n and cu.args["b"] is not n and cu.args["pa"] is None \
+                and cu.args["bias"] is None and cu.args["alpha"] is None:
+            mm_o = u
+            break
+        return site.dense(f"probabilities feed {_spell(u)}, not the left side of a matmul with V")
+    site.spelling += f" -> {_spell(mm_o)}"
+    co = canon(g, mm_o)
+    site.anchor = mm_o
+    a, b = cs.args["a"], cs.args["b"]
+    r = example_value(a).dim()
+    site.q = Operand(a, cs.args["pa"])
+    if cs.args["pb"] is None and canon(g, b).kind == "transpose":
+        site.k = Operand(canon(g, b).x)
+    else:
+        site.k = Operand(b, _swap_last(cs.args["pb"], r))
+    site.v = Operand(co.args["b"], co.args["pb"])
+    site.out_perm = co.args["po"]
+    site.scale_parts = parts
+    site.matched = [mm_o] + post[::-1] + [sm] + chain + [mm_s]
+    if example_value(mm_o).dtype != example_value(site.q.node).dtype:
+        _check_qkv(site)
+        return site.dense(f"output dtype {example_value(mm_o).dtype} differs from q's")
+    return _check_qkv(site)
+
+
+# ---------------------------------------------------------------- F.scaled_dot_product_attention
+def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> Site:
+    a = canon(g, n).args
+    site = Site("sdpa", n, spelling="scaled_dot_product_attention")
+    site.q, site.k, site.v = Operand(a["query"]), Operand(a["key"]), Operand(a["value"])
+    site = _check_qkv(site, gqa=a["enable_gqa"] is True)
+    if a["attn_mask"] is not None:
+        return site.dense("attn_mask given (a mask or additive bias)")
+    p = a["dropout_p"]
+    if not isinstance(p, (int, float)):
+        return site.dense("dropout_p is not a constant")
+    if p > 0:
+        return site.dense(f"dropout_p={p} (training-time dropout)")
+    if not isinstance(a["is_causal"], bool):
+        return site.dense("is_causal is not a constant")
+    if not isinstance(a["enable_gqa"], bool):
+        return site.dense("enable_gqa is not a constant")
+    site.is_causal = a["is_causal"]
+    sc = a["scale"]
+    if sc is not None and not (isinstance(sc, (int, float)) or
+                               (isinstance(sc, fx.Node) and not isinstance(example_value(sc), torch.Tensor))):
+        return site.dense("scale is not a number")
+    site.scale_parts = [("mul", sc)]
+    return site
+
+
+# ---------------------------------------------------------------- nn.MultiheadAttention
+def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
+    a = canon(g, n).args
+    site = Site("mha", n, spelling="multi_head_attention_forward")
+    site.mha_args = a
+    q, k = a["query"], a["key"]
+    evq, evk = example_value(q), example_value(k)
+    num_heads, E = a["num_heads"], a["embed_dim_to_check"]
+    if isinstance(evq, torch.Tensor) and isinstance(evk, torch.Tensor):
+        site.shapes = dict(q=_fmt(evq.shape), k=_fmt(evk.shape))
+        site.dtype = str(evq.dtype).replace("torch.", "")
+    for u in n.users:
+        if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and \
+                not (u.op == "call_function" and u.target is operator.getitem and not u.users):
+            return site.dense("the attention weights are used (need_weights)")
+    if a["key_padding_mask"] is not None or a["attn_mask"] is not None:
+        return site.dense("attn_mask / key_padding_mask given")
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        return site.dense("bias_k / bias_v / add_zero_attn")
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return site.dense("static_k / static_v")
+    if a["is_causal"] is not False:
+        return site.dense("is_causal hint (needs attn_mask)")
+    if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["training"], bool):
+        return site.dense("dropout / training not constant")
+    if a["training"] and a["dropout_p"] > 0:
+        return site.dense(f"dropout_p={a['dropout_p']} in training")
+    if not isinstance(num_heads, int) or not isinstance(evq, torch.Tensor) or evq.dim() not in (2, 3):
+        return site.dense("unsupported MultiheadAttention call")
+    if evq.dtype not in DTYPES or evk.dtype != evq.dtype:
+        return site.dense(f"dtype {evq.dtype}")
+    e = int(evq.shape[-1])
+    if e % num_heads or e // num_heads not in HEAD_DIMS:
+        return site.dense(f"head dim {e / num_heads:g} unsupported (supported: {HEAD_DIMS})")
+    if not isinstance(E, int) or E != e:
+        return site.dense("embed_dim mismatch")
+    site.rewrite, site.reason = True, "rewritten"
+    return site
+
+
+def key_length(site: Site):
+    if site.kind == "mha":
+        return example_value(site.mha_args["key"]).shape[0]
+    return site.k.shape()[-2]

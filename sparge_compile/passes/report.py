@@ -1,0 +1,126 @@
+"""The report: every attention site the backend found, rewritten or kept dense and why.
+
+One :class:`GraphReport` per graph the backend compiled; :class:`Report` gathers them for
+``sc.explain``. Measured sparsity comes from the last mask each rewritten site used at run time.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from . import runtime
+
+log = logging.getLogger("sparge_compile.backend")
+
+
+@dataclass
+class SiteReport:
+    graph: str
+    name: str
+    kind: str
+    spelling: str
+    rewritten: bool
+    reason: str
+    shapes: dict
+    dtype: str
+    is_causal: bool = False
+    block_q: int | None = None
+    block_k: int | None = None
+    key: str | None = None     # run-time state key (rewritten sites)
+
+    @property
+    def state(self):
+        return runtime.site_state(self.key) if self.key else None
+
+    @property
+    def calls(self) -> int:
+        st = self.state
+        return st.calls if st is not None else 0
+
+    @property
+    def sparsity(self) -> float | None:
+        """1 - kept / visible block pairs of the last mask this site used (None before a run)."""
+        st = self.state
+        if st is None or st.kv_num is None:
+            return None
+        from ..block_mask import SpargeBlockMask
+
+        m = SpargeBlockMask(st.kv_num, st.kv_idx, int(st.q_len), int(st.kv_len), self.block_q, self.block_k,
+                            st.is_causal)
+        return m.sparsity()
+
+    def block_mask(self):
+        """The last :class:`SpargeBlockMask` this site used (None before a run)."""
+        st = self.state
+        if st is None or st.kv_num is None:
+            return None
+        from ..block_mask import SpargeBlockMask
+
+        return SpargeBlockMask(st.kv_num, st.kv_idx, int(st.q_len), int(st.kv_len), self.block_q,
+                               self.block_k, st.is_causal)
+
+    def as_dict(self) -> dict:
+        sp = self.sparsity
+        return dict(graph=self.graph, site=self.name, kind=self.kind, spelling=self.spelling,
+                    rewritten=self.rewritten, reason=self.reason, shapes=self.shapes, dtype=self.dtype,
+                    is_causal=self.is_causal, block_q=self.block_q, block_k=self.block_k,
+                    calls=self.calls, sparsity=sp)
+
+
+@dataclass
+class GraphReport:
+    graph: str
+    code: object = None           # the code object Dynamo compiled (to find reports per model)
+    sites: list[SiteReport] = field(default_factory=list)
+    config: object = None
+    inner: str = "inductor"
+
+
+class Report:
+    """Sites of one or more compiled graphs; ``str(report)`` is a table."""
+
+    def __init__(self, graphs: list[GraphReport]):
+        self.graphs = list(graphs)
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def dense(self) -> list[SiteReport]:
+        return [s for s in self.sites if not s.rewritten]
+
+    def __len__(self):
+        return len(self.sites)
+
+    def as_dicts(self) -> list[dict]:
+        return [s.as_dict() for s in self.sites]
+
+    def table(self) -> str:
+        rows = []
+        for s in self.sites:
+            sp = s.sparsity
+            rows.append([s.graph, s.name, s.kind, "sparse" if s.rewritten else "dense",
+                         s.reason, "x".join(map(str, s.shapes.get("q", ()))),
+                         "x".join(map(str, s.shapes.get("k", ()))), s.dtype,
+                         "-" if sp is None else f"{sp:.1%}"])
+        head = ["graph", "site", "kind", "status", "reason", "q shape", "k shape", "dtype", "sparsity"]
+        n_sparse = len(self.rewritten)
+        return (f"sparge: {len(self.sites)} attention site(s), {n_sparse} rewritten, "
+                f"{len(self.sites) - n_sparse} dense\n" + tabulate(rows, headers=head))
+
+    def __str__(self):
+        return self.table()
+
+    __repr__ = __str__
+
+
+def log_graph_report(gr: GraphReport) -> None:
+    rep = Report([gr])
+    log.info("%s", rep.table())

@@ -1,0 +1,55 @@
+"""Replace matched attention sites by calls of the sparse op, then dead-code elimination."""
+from __future__ import annotations
+
+from torch import fx
+
+from ..config import SpargeConfig
+from . import runtime
+from .matcher import Operand, Site
+
+
+def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
+    node = resolve(op.node)
+    if op.perm is None:
+        return node
+    return graph.call_method("permute", (node, *op.perm))
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, config: SpargeConfig, key: str,
+                 replaced: dict | None = None) -> fx.Node:
+    """Insert the sparse call before the site's anchor and route the anchor's users to it.
+
+    replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
+    """
+    graph = gm.graph
+    anchor = site.anchor
+    replaced = {} if replaced is None else replaced
+
+    def resolve(x):
+        return fx.node.map_arg(x, lambda n: replaced.get(n, n))
+
+    with graph.inserting_before(anchor):
+        if site.kind == "mha":
+            a = site.mha_args
+            new = graph.call_function(runtime.mha_forward, resolve((
+                a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
+                a["out_proj_weight"], a["out_proj_bias"], a["use_separate_proj_weight"], a["q_proj_weight"],
+                a["k_proj_weight"], a["v_proj_weight"], config.block_q, config.block_k, key)))
+        else:
+            q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
+            new = graph.call_function(runtime.site_attention, (
+                q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
+                config.block_k, key))
+            if site.out_perm is not None:
+                new = graph.call_method("permute", (new, *site.out_perm))
+    new.meta.update({k: v for k, v in anchor.meta.items() if k in ("stack_trace", "nn_module_stack",
+                                                                  "source_fn_stack")})
+    anchor.replace_all_uses_with(new)
+    replaced[anchor] = new
+    return new
+
+
+def finish(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
