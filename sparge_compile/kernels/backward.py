@@ -20,6 +20,22 @@ from .torch_impl import transpose_indices
 
 
 @triton.jit
+def _bwd_delta_kernel(O, DO, Delta, sob, soh, son, sod, Hq, Nq, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO ∘ O) in fp32 (dO contiguous)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
+    do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
+    tl.store(Delta + bh * Nq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Nq)
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
@@ -121,15 +137,17 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # (B, Hq, Nq)
+    BLOCK_D = triton.next_power_of_2(D)
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(cdiv(Nq, 64), B * Hq)](out, dout, delta, *out.stride(), Hq, Nq, D,
+                                              BLOCK_M=64, BLOCK_D=BLOCK_D, num_warps=4)
     q_num, q_idx = transpose_indices(kv_num, kv_idx, nk)
     dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
-    BLOCK_D = triton.next_power_of_2(D)
     common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                   PREC=dot_precision(q.dtype), num_warps=num_warps or (4 if D <= 64 else 8),
-                  num_stages=num_stages or 1)
+                  num_stages=num_stages or (2 if D > 64 else 1))
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E

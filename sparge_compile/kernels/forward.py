@@ -92,7 +92,7 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
     if num_warps is None:
-        num_warps = 4 if D <= 64 else 8
+        num_warps = 4
     if num_stages is None:
         num_stages = 2
     _fwd_kernel[(nq, B * Hq)](
