@@ -214,9 +214,9 @@ def chunked_masked_sdpa(q, k, v, dense_block_mask: torch.Tensor, block_q: int, b
                 m = m.repeat_interleave(block_k, dim=1)[:, :Nk]
                 if is_causal:
                     m = m & (cols[None, :] <= torch.arange(s, e, device=q.device)[:, None])
-                out[b, h, s:e] = F.scaled_dot_product_attention(
-                    q[b, h, s:e].to(dtype)[None], kh[None], vh[None], attn_mask=m[None],
-                    scale=scale)[0]
+                out[b, h, s:e] = F.scaled_dot_product_attention(  # 4-D: the fused kernels take it
+                    q[b, h, s:e].to(dtype)[None, None], kh[None, None], vh[None, None],
+                    attn_mask=m[None, None], scale=scale)[0, 0]
     return out
 
 

@@ -186,17 +186,17 @@ def explain(model) -> dict | None:
     fn = getattr(sc, "explain", None)
     if fn is None:
         return None
-    rep = fn(model.blocks[0])
-    if isinstance(rep, (dict, list, str, int, float)) or rep is None:
-        return rep
-    return str(rep)
+    rep = fn(model)
+    sites = rep.as_dicts() if hasattr(rep, "as_dicts") else None
+    return {"table": str(rep), "sites": sites}
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 
 
-FWD_COLUMNS = [("variant", "variant"), ("sparsity", "sparsity"), ("fwd_ms", "step fwd (ms)"),
+FWD_COLUMNS = [("variant", "variant"), ("sparsity", "sparsity"), ("sites", "sites rewritten"),
+               ("fwd_ms", "step fwd (ms)"),
                ("attn_share_fwd", "attention share"), ("speedup_fwd", "speed-up"),
                ("rel_err", "rel err vs dense"), ("compile_s", "compile (s)")]
 TRAIN_COLUMNS = [("variant", "variant"), ("sparsity", "sparsity"), ("train_ms", "step fwd+bwd (ms)"),
@@ -214,6 +214,9 @@ def markdown(result: dict) -> list[tuple[str, str]]:
     secs = [("Forward (inference step)", note + C.table(rows, FWD_COLUMNS))]
     if a.get("train"):
         secs.append(("Forward + backward (training step, no optimizer)", C.table(rows, TRAIN_COLUMNS)))
+    rep = next((r["report"]["table"] for r in rows if (r.get("report") or {}).get("table")), None)
+    if rep:
+        secs.append(("The backend's report (first sparge variant)", "```\n" + rep + "\n```"))
     errs = [(r["variant"], k, m) for r in rows for k, m in (r.get("errors") or {}).items()]
     secs.append(("Failures", "\n".join(f"- {v}: {k}: {m}" for v, k, m in errs) if errs else "none"))
     return secs
@@ -270,7 +273,7 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--dense-backend", default=None, help="default inductor (--quick: eager)")
     p.add_argument("--inner-backend", default=None,
-                   help="passed to the sparge backend as options['backend'] (--quick: aot_eager)")
+                   help="the sparge backend's options['inner'] (default: its own, inductor; --quick: eager)")
     p.add_argument("--min-seq-len", type=int, default=None,
                    help="sparge min_seq_len (default 1024: the 512-token cross-attention stays dense)")
 
@@ -291,7 +294,7 @@ def run(args, out: Path | None = None) -> dict:
     sparsities = ([float(x) / (100 if float(x) > 1 else 1) for x in args.e2e_sparsities.split(",")]
                   if args.e2e_sparsities else (QUICK_SPARSITIES if quick else FULL_SPARSITIES))
     dense_backend = args.dense_backend or ("eager" if quick else "inductor")
-    inner = args.inner_backend or ("aot_eager" if quick else None)
+    inner = args.inner_backend or ("eager" if quick else None)
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024)
     timing = dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False)
     C.bump_dynamo_cache()
@@ -327,7 +330,7 @@ def run(args, out: Path | None = None) -> dict:
             if quick:
                 opts.update(block_q=bq, block_k=bk)
             if inner:
-                opts["backend"] = inner
+                opts["inner"] = inner
             cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=bq, block_k=bk, mode="hybrid",
                                min_seq_len=min_seq_len)
             compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts) or True, errors, "sparge_compile")
@@ -338,6 +341,13 @@ def run(args, out: Path | None = None) -> dict:
             row = _row("sparge", s, res, att, depth, errors)
             row["options"] = opts
             row["report"] = C.guarded(lambda: explain(model), errors, "explain")
+            sites = (row["report"] or {}).get("sites") or []
+            if sites:
+                rw = [x for x in sites if x.get("rewritten")]
+                row["sites"] = f"{len(rw)}/{len(sites)}"
+                sp = [x["sparsity"] for x in rw if x.get("sparsity") is not None]
+                if sp:
+                    row["sparsity"] = sum(sp) / len(sp)  # measured by the compiled model's sites
             row["speedup_fwd"] = C.ratio(dense.get("fwd_ms"), row.get("fwd_ms"))
             row["speedup_train"] = C.ratio(dense.get("train_ms"), row.get("train_ms"))
             result["rows"].append(row)
