@@ -86,14 +86,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      Hq, G, Nq, Nk, nq, nk, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                     IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr):
     j = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = Hq // G
     b = bhk // Hkv
     hk = bhk % Hkv
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, SUB_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < Nk
@@ -109,22 +109,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
         n_q = tl.load(QNum + col)
         for t in range(n_q):
             i = tl.load(QIdx + col * nq + t)
-            offs_m = i * BLOCK_M + offs_m0
-            m_ok = offs_m < Nq
-            md = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md, other=0.0)
-            do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
-            lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-            valid = n_ok[:, None] & m_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :])
-            pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            for sub in tl.static_range(BLOCK_M // SUB_M):  # the query block in SUB_M-row slices
+                offs_m = i * BLOCK_M + sub * SUB_M + offs_m0
+                m_ok = offs_m < Nq
+                md = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                            mask=md, other=0.0)
+                do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
+                lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+                st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, SUB_M)
+                valid = n_ok[:, None] & m_ok[None, :]
+                if IS_CAUSAL:
+                    valid = valid & (offs_n[:, None] <= offs_m[None, :])
+                pt = tl.where(valid, tl.math.exp2(st - lse2[None, :]), 0.0)
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     dk = dk * scale
     # DK and DV are contiguous (B, Hkv, Nk, D)
     tl.store(DK + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
@@ -132,7 +134,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         num_warps=None, num_stages=None):
+                         num_warps=None, num_stages=None, sub_m=None, dkdv_warps=None, dkdv_stages=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -153,6 +155,12 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     qk_scale = float(scale) * LOG2E
     _bwd_dq_kernel[(nq, B * Hq)](q, k, v, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
                                  *strides, *dims, **common)
+    # H100 tuning (bench/NOTES.md): dK/dV best with 64-row query slices, 4 warps, 2 stages
+    dkdv = dict(common, SUB_M=min(block_q, sub_m or 64), num_warps=4, num_stages=2)
+    if dkdv_warps:
+        dkdv["num_warps"] = dkdv_warps
+    if dkdv_stages:
+        dkdv["num_stages"] = dkdv_stages
     _bwd_dkdv_kernel[(nk, B * Hkv)](q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, qk_scale,
-                                    float(scale), *strides, *dims, **common)
+                                    float(scale), *strides, *dims, **dkdv)
     return dq, dk, dv

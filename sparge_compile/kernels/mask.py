@@ -36,8 +36,8 @@ def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
 
 @triton.jit
 def _score_kernel(QB, KB, S, scale, Hq, G, nq, nk,
-                  TILE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """S[b, h, i, j] = q̄_i · k̄_j · scale (fp32, exact products)."""
+                  TILE: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """S[b, h, i, j] = q̄_i · k̄_j · scale (fp32 accuracy; 3xTF32 on the GPU)."""
     ti = tl.program_id(0)
     tj = tl.program_id(1)
     bh = tl.program_id(2)
@@ -48,7 +48,7 @@ def _score_kernel(QB, KB, S, scale, Hq, G, nq, nk,
     dd = tl.arange(0, BLOCK_D)
     qb = tl.load(QB + (bh * nq + ri)[:, None] * BLOCK_D + dd[None, :], mask=(ri < nq)[:, None], other=0.0)
     kb = tl.load(KB + (bhk * nk + cj)[:, None] * BLOCK_D + dd[None, :], mask=(cj < nk)[:, None], other=0.0)
-    s = tl.dot(qb, tl.trans(kb), input_precision="ieee") * scale
+    s = tl.dot(qb, tl.trans(kb), input_precision=PREC) * scale
     tl.store(S + (bh * nq + ri)[:, None] * nk + cj[None, :], s, mask=(ri < nq)[:, None] & (cj < nk)[None, :])
 
 
@@ -193,12 +193,13 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
     scores = torch.empty((B, Hq, nq, nk), dtype=torch.float32, device=q.device)
     TILE = 64 if not interp else max(16, min(64, triton.next_power_of_2(max(nq, nk))))
     _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
-        qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1], num_warps=4)
+        qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1],
+        PREC="tf32x3" if q.is_cuda else "ieee", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=q.device)
     grid = (cdiv(nq, BLOCK_M), B * Hq)
     _select_kernel[grid](scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
                          BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
                          IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise,
-                         num_warps=num_warps or (4 if BLOCK_M * NK_P2 <= 2048 else 8))
+                         num_warps=num_warps or 4)
     return num, idx
