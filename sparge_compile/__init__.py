@@ -8,9 +8,10 @@ from .attention import predict_block_mask, sparse_attention
 from .backend import backend, explain
 from .block_mask import SpargeBlockMask
 from .config import SpargeConfig
-from .distill import DistillResult, distill
+from .distill import DistillError, DistillResult, NonFiniteLossError, distill
 from .flow import euler_sample, flow_matching_inputs, logit_normal_timesteps
 
 __all__ = ["SpargeConfig", "SpargeBlockMask", "backend", "explain", "predict_block_mask", "sparse_attention",
-           "distill", "DistillResult", "flow_matching_inputs", "euler_sample", "logit_normal_timesteps"]
+           "distill", "DistillResult", "DistillError", "NonFiniteLossError",
+           "flow_matching_inputs", "euler_sample", "logit_normal_timesteps"]
 __version__ = "0.1.0"

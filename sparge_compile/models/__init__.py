@@ -1,0 +1,4 @@
+"""Small models for the demo, tests and benchmarks."""
+from .dit import DiT
+
+__all__ = ["DiT"]
