@@ -384,7 +384,7 @@ def plot(result: dict, path: Path):
             ax.set_ylabel("relative L1 error")
             ax.set_yscale("log")
             if ax.lines:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, loc="upper left")
     return C.save_fig(fig, path)
 
 

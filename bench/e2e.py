@@ -228,11 +228,11 @@ def plot(result: dict, path: Path):
     if plt is None or not result["rows"]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    dense = result["rows"][0]
+    dense = [r for r in result["rows"] if r["variant"] == "dense"]
     for ax, key, share, title in ((axes[0], "fwd_ms", "attn_share_fwd", "forward"),
                                   (axes[1], "train_ms", "attn_share_train", "forward+backward")):
         labels, tot, att = [], [], []
-        for r in [dense] + rows:
+        for r in dense + rows:
             if r.get(key) is None:
                 continue
             labels.append("dense" if r["variant"] == "dense" else f"{100 * r['sparsity_target']:g}%")
@@ -243,7 +243,7 @@ def plot(result: dict, path: Path):
             ax.bar(x, [t - a_ for t, a_ in zip(tot, att)], label="rest of the step")
             ax.bar(x, att, bottom=[t - a_ for t, a_ in zip(tot, att)], label="self-attention")
             ax.set_xticks(list(x), labels)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left")
         ax.set_title(f"step time, {title}")
         ax.set_ylabel("ms")
     return C.save_fig(fig, path)
@@ -271,6 +271,8 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--depth", type=int, default=None, help="blocks (default 4; --quick: 2)")
     p.add_argument("--e2e-grid", default=None, help="T,H,W token grid (default 21,30,52; --quick: 4,8,8)")
     p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--no-dense", action="store_true", help="skip the inductor dense baseline (when "
+                   "another run has it: `python -m bench report` merges them and computes speed-ups)")
     p.add_argument("--dense-backend", default=None, help="default inductor (--quick: eager)")
     p.add_argument("--inner-backend", default=None,
                    help="the sparge backend's options['inner'] (default: its own, inductor; --quick: eager)")
@@ -313,15 +315,17 @@ def run(args, out: Path | None = None) -> dict:
         inputs = (C.randn((1, N, dim), device, dtype, seed=1), C.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
                   C.randn((1, text_len, dim), device, dtype, seed=3))
 
-        print(f"[e2e] dense, backend={dense_backend!r}, N={N}, depth={depth}", flush=True)
-        errors: dict = {}
-        compile_blocks(model, dense_backend, None)
-        res, ref = measure_model(model, inputs, device, timing, train, errors, "m")
-        att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
-        dense = _row("dense", None, res, att, depth, errors)
-        result["rows"].append(dense)
-        if out is not None:
-            write(result, out)
+        dense, ref = {}, None
+        if not getattr(args, "no_dense", False):
+            print(f"[e2e] dense, backend={dense_backend!r}, N={N}, depth={depth}", flush=True)
+            errors: dict = {}
+            compile_blocks(model, dense_backend, None)
+            res, ref = measure_model(model, inputs, device, timing, train, errors, "m")
+            att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
+            dense = _row("dense", None, res, att, depth, errors)
+            result["rows"].append(dense)
+            if out is not None:
+                write(result, out)
 
         for s in sparsities:
             print(f"[e2e] sparge at {100 * s:g}%", flush=True)

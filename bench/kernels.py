@@ -298,7 +298,7 @@ def plot(result: dict, path: Path):
             ax.set_ylabel("speed-up vs cuDNN dense")
             ax.set_yscale("log")
             if ax.lines[:-1]:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, loc="upper left")
     return C.save_fig(fig, path)
 
 
@@ -415,6 +415,8 @@ def run(args, out: Path | None = None) -> dict:
                 row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
                 add_ratios(row, dense, flops)
                 result["rows"].append(row)
+                if out is not None:  # JSON after every point: a run killed mid-shape keeps it
+                    C.write_json(Path(out) / "kernels.json", result)
                 print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {C.fmt(row.get('sparge_fwd_ms'))} ms, "
                       f"flex {C.fmt(row.get('flex_fwd_ms'))} ms, err {C.fmt(row.get('sparge_rel_err'))}",
                       flush=True)

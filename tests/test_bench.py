@@ -91,3 +91,16 @@ def test_cli_single_part(tmp_path):
 
     assert main(["accuracy", "--quick", "--out", str(tmp_path), "--grid", "2,4,8"]) == 0
     assert _load(tmp_path, "accuracy")["sources"][0]["tokens"] == 64
+
+
+def test_report_merges_runs(report, tmp_path):
+    """`python -m bench report A B --out M` merges subset runs (separate device commands)."""
+    from bench.__main__ import main
+
+    out = report[0]
+    assert main(["report", str(out), str(out), "--out", str(tmp_path)]) == 0
+    k = _load(tmp_path, "kernels")
+    assert len(k["rows"]) == 2 * len(_load(out, "kernels")["rows"])
+    e = _load(tmp_path, "e2e")
+    assert [r["variant"] for r in e["rows"]].count("dense") == 1
+    assert (tmp_path / "report.md").read_text().count("## ") >= 5
