@@ -220,7 +220,9 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
     co = canon(g, mm_o)
     site.anchor = mm_o
     a, b = cs.args["a"], cs.args["b"]
-    r = example_value(a).dim()
+    if min(example_value(x).dim() for x in (a, b, co.args["b"])) < 3:
+        return None  # a product with a weight matrix (rank 2): a softmax between matmuls, not attention
+    r = example_value(b).dim()
     site.q = Operand(a, cs.args["pa"])
     if cs.args["pb"] is None and canon(g, b).kind == "transpose":
         site.k = Operand(canon(g, b).x)

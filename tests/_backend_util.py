@@ -1,0 +1,112 @@
+"""Helpers for the backend tests: compile with sparge, and the eager model with the same masks.
+
+:class:`SameMasks` runs a model eagerly with every softmax / SDPA call seeing the block mask the
+compiled model used at the same site (sites in execution order): scores outside the kept blocks
+are set to -inf before the softmax, SDPA gets the equivalent boolean ``attn_mask``. That is the
+eager model with the same mask applied, written with the model's own code.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+import sparge_compile as sc
+from sparge_compile.reference import dense_token_mask
+
+CFG = sc.SpargeConfig(topk=0.3, topp=0.5, block_q=16, block_k=16, min_seq_len=0)
+
+class SameMasks:
+    """Context: eager softmax / SDPA calls see ``masks`` (one SpargeBlockMask per site, in order).
+
+    Patches ``torch.softmax``, ``F.softmax``, ``Tensor.softmax`` and
+    ``F.scaled_dot_product_attention`` (also what ``nn.MultiheadAttention`` and ``nn.Softmax``
+    call), and restores them on exit.
+    """
+
+    def __init__(self, masks):
+        self.masks = list(masks)
+        self.used = 0
+        self._inside = False
+
+    def _token_mask(self, nq, nk):
+        m = self.masks[self.used]
+        self.used += 1
+        return dense_token_mask(m.to_dense(), nq, nk, m.block_q, m.block_k, m.is_causal)
+
+    def _softmax(self, orig):
+        def softmax(s, *args, **kwargs):
+            if self._inside:  # F.softmax calls Tensor.softmax: mask once
+                return orig(s, *args, **kwargs)
+            tm = self._token_mask(s.shape[-2], s.shape[-1]).reshape(s.shape)
+            self._inside = True
+            try:
+                return orig(s.masked_fill(~tm, float("-inf")), *args, **kwargs)
+            finally:
+                self._inside = False
+        return softmax
+
+    def _sdpa(self, orig):
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+
+        def sdpa(*args, **kwargs):
+            kw = dict(zip(names, args), **kwargs)
+            q, k = kw["query"], kw["key"]
+            tm = self._token_mask(q.shape[-2], k.shape[-2])
+            kw["attn_mask"] = tm.reshape(q.shape[:-2] + tm.shape[-2:])
+            kw["is_causal"] = False
+            return orig(**kw)
+        return sdpa
+
+    def __enter__(self):
+        self._saved = [(torch, "softmax", torch.softmax), (F, "softmax", F.softmax),
+                       (torch.Tensor, "softmax", torch.Tensor.softmax),
+                       (F, "scaled_dot_product_attention", F.scaled_dot_product_attention)]
+        for obj, name, orig in self._saved:
+            setattr(obj, name, self._sdpa(orig) if "scaled" in name else self._softmax(orig))
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, orig in self._saved:
+            setattr(obj, name, orig)
+
+
+def run_same_masks(model, masks, *args):
+    with SameMasks(masks) as mode:
+        out = model(*args)
+    assert mode.used == len(mode.masks), f"eager model made {mode.used} attention calls, compiled had {len(masks)}"
+    return out
+
+
+def compile_sparge(model, config=CFG, inner="aot_eager", **kw):
+    be = sc.backend(config=config, inner=inner)
+    return torch.compile(model, backend=be, **kw), be
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def masks_of(be):
+    return [s.block_mask() for s in be.report().rewritten]
+
+
+def allow_broken_torchvision():
+    """timm imports torchvision; a torchvision wheel built for CUDA torch cannot load its C ops
+    next to the CPU torch, and then fails at import in its op registrations. timm only needs
+    torchvision's Python parts: skip those registrations when the ops are missing."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:
+        for name in list(sys.modules):
+            if name == "torchvision" or name.startswith("torchvision."):
+                del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        import torchvision  # noqa: F401,F811
+    except ImportError:
+        pass
