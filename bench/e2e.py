@@ -101,6 +101,9 @@ def compile_blocks(model: WanStack, backend: str, options: dict | None) -> None:
     torch._dynamo.reset()
     for b in model.blocks:
         b._compiled_call_impl = None  # back to eager first: a failing compile leaves no stale one
+    if backend == "sparge" and "sparge" not in torch._dynamo.list_backends(exclude_tags=()):
+        # not pip-installed (e.g. PYTHONPATH=. on a bare machine): no entry point, same function
+        from sparge_compile.backend import sparge_backend as backend
     for b in model.blocks:
         b.compile(backend=backend, options=options or None)
 
