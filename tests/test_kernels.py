@@ -92,7 +92,7 @@ def test_backward_matches_float64_reference(pb):
     _, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
     for name, g, r in zip("qkv", grads, ref_grads):
         assert g.shape == r.shape and g.dtype == pb["dtype"]
-        assert rel_err(g, r) < 2 * TOL[pb["dtype"]], f"d{name}"
+        assert rel_err(g, r, floor=1e-2) < 2 * TOL[pb["dtype"]], f"d{name}"
 
 
 @settings(max_examples=8)
