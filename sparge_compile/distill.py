@@ -431,8 +431,9 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
     callback: called after every step with a :class:`DistillStep`; return True to stop early.
     seed: seeds torch, python and numpy RNGs at the start (None: leave them alone).
     backend_inner: what compiles the rewritten graph: "inductor" (default on CUDA) or "aot_eager".
-    compile_fn: build the student yourself: compile_fn(module, config) -> callable (replaces
-        the sparge backend; ``check_rewrite`` still checks that sparse attention ran).
+    compile_fn: build the student yourself: compile_fn(module, config) -> callable, or ->
+        ``(student, backend)`` like :func:`make_student` (e.g. to reuse a student compiled
+        before); without the backend, ``check_rewrite`` watches the sparse op run instead.
     teacher: use this frozen model as the teacher instead of a deep copy of ``model`` (saves a
         copy when distilling several students from one model); it is set to eval, no grad.
     train_mode: run the student in train() mode (dropout active). Default eval(), so the
@@ -508,6 +509,8 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
 
     if compile_fn is not None:
         student, backend_obj = compile_fn(module, config), None
+        if isinstance(student, tuple) and len(student) == 2 and hasattr(student[1], "report"):
+            student, backend_obj = student   # (student, its SpargeBackend), as make_student returns
     else:
         student, backend_obj = make_student(module, config, backend_inner)
     result = DistillResult(student=student, module=module, teacher=teacher, losses=losses, step=start,
