@@ -58,7 +58,8 @@ def block_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Te
 
 @block_sparse_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels return contiguous gradients whatever the layout of q, k, v
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -82,7 +82,7 @@ def test_forward_matches_float64_reference(pb):
     assert rel_err(out, ref) < TOL[pb["dtype"]]
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(problems(max_n=80))
 def test_backward_matches_float64_reference(pb):
     q, k, v = _inputs(pb, requires_grad=True)
@@ -95,7 +95,7 @@ def test_backward_matches_float64_reference(pb):
         assert rel_err(g, r, floor=1e-2) < 2 * TOL[pb["dtype"]], f"d{name}"
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(problems(max_n=80, dtypes=(torch.float32,)), st.sampled_from(["topk", "topp"]))
 def test_full_budget_equals_dense_sdpa(pb, rule):
     cfg = pb["cfg"].replace(mode="hybrid", **{rule: 1.0})
@@ -109,7 +109,7 @@ def test_full_budget_equals_dense_sdpa(pb, rule):
     assert rel_err(out, dense) < TOL[pb["dtype"]]
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(problems(max_n=96, dtypes=(torch.float32,)), st.integers(0, 3))
 def test_sparsity_falls_as_budget_rises(pb, which):
     q, k, _ = _inputs(pb)
@@ -122,9 +122,9 @@ def test_sparsity_falls_as_budget_rises(pb, which):
     assert sp[-1] == pytest.approx(0.0, abs=1e-12)
 
 
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(problems(max_n=96))
-def test_bisection_path_matches_reference(pb, monkeypatch_bisect=None):
+def test_bisection_path_matches_reference(pb):
     """The large-nk selection path (bit-pattern bisection), forced on small shapes."""
     mask_kernel._FORCE_BISECTION = True
     try:

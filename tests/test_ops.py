@@ -1,0 +1,90 @@
+"""The torch.library registrations: opcheck, torch.compile with no graph break, input errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparge_compile as sc
+from sparge_compile import ops
+
+from kernel_checks import make_qkv
+
+CFG = sc.SpargeConfig(topk=0.3, topp=0.3, block_q=16, block_k=16, min_seq_len=0)
+
+
+def _noncontig(seed=0, N=40, requires_grad=False):
+    """SDPA-layout views of (B, N, H, D) tensors, as attention modules produce them."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, N, 2, 32, generator=g).transpose(1, 2).requires_grad_(requires_grad)
+                 for _ in range(3))
+
+
+def test_opcheck_predict_and_attention():
+    q, k, v = _noncontig()
+    num, idx = ops.predict_block_mask_op(q, k, 0.2, False, 0.3, 0.3, "hybrid", 16, 16)
+    torch.library.opcheck(ops.predict_block_mask_op, (q, k, 0.2, False, 0.3, 0.3, "hybrid", 16, 16))
+    qg, kg, vg = _noncontig(requires_grad=True)
+    torch.library.opcheck(ops.block_sparse_attention_op, (qg, kg, vg, num, idx, 0.2, True, 16, 16))
+
+
+def test_fake_backward_strides_match_real():
+    """Regression: the fake backward must give the real kernels' (contiguous) layout."""
+    q, k, v = _noncontig(requires_grad=True)
+    num, idx = ops.predict_block_mask_op(q.detach(), k.detach(), 0.2, False, 0.3, 0.3, "hybrid", 16, 16)
+    out, lse = ops.block_sparse_attention_op(q, k, v, num, idx, 0.2, False, 16, 16)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, num, idx, 0.2, False, 16, 16)
+    real = ops.block_sparse_attention_backward_op(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = ops.block_sparse_attention_backward_op(*args)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride()
+
+
+def test_compile_fullgraph_forward_and_backward():
+    q, k, v = _noncontig(requires_grad=True)
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return sc.sparse_attention(q, k, v, config=CFG) * 2
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(q, k, v)
+    gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v))
+    q2, k2, v2 = _noncontig(requires_grad=True)
+    ref = f(q2, k2, v2)
+    rq, rk, rv = torch.autograd.grad(ref.sum(), (q2, k2, v2))
+    torch.testing.assert_close(out, ref)
+    for a, b in ((gq, rq), (gk, rk), (gv, rv)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, k, v: (q[0], k, v), "rank 4"),
+    (lambda q, k, v: (q, k.half(), v), "dtype"),
+    (lambda q, k, v: (q, k[:, :1].expand(1, 1, 40, 32).repeat(1, 3, 1, 1), v), "multiple"),
+    (lambda q, k, v: (q[..., :24], k[..., :24], v[..., :24]), "head dim"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), "v shape"),
+    (lambda q, k, v: (q.long(), k, v), "dtype"),
+])
+def test_bad_input_raises_naming_the_argument(bad, match):
+    q, k, v = make_qkv(0, 1, 2, 2, 40, 40, 32, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sc.sparse_attention(*bad(q, k, v), config=CFG)
+
+
+@pytest.mark.parametrize("kw, match", [({"topk": 1.5}, "topk"), ({"topp": -0.1}, "topp"),
+                                       ({"mode": "both"}, "mode"), ({"block_q": 100}, "block_q")])
+def test_bad_config_raises(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sc.SpargeConfig(**kw)
+
+
+def test_cpu_without_interpreter_uses_torch_path_and_agrees(monkeypatch):
+    """A CPU user without TRITON_INTERPRET gets the chunked PyTorch path: same function."""
+    q, k, v = make_qkv(1, 1, 2, 1, 70, 90, 64, torch.float32)
+    out_triton, m = sc.sparse_attention(q, k, v, is_causal=True, config=CFG, return_mask=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out_torch, m2 = sc.sparse_attention(q, k, v, is_causal=True, config=CFG, return_mask=True)
+    assert torch.equal(m.to_dense(), m2.to_dense())
+    torch.testing.assert_close(out_torch, out_triton, rtol=1e-5, atol=1e-5)
