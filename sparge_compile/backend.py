@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 
 import torch
 
@@ -32,15 +33,18 @@ _GRAPHS: list[GraphReport] = []
 _LOCK = threading.Lock()
 
 
-def _current_code():
-    """The code object Dynamo is compiling (to attribute reports to a compiled model)."""
+def _current_frame():
+    """(code, module) of the frame Dynamo is compiling (to attribute reports to a compiled model)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        return tx.f_code if tx is not None else None
+        if tx is None:
+            return None, None
+        owner = tx.f_locals.get("self") if isinstance(tx.f_locals, dict) else None
+        return tx.f_code, owner if isinstance(owner, torch.nn.Module) else None
     except Exception:
-        return None
+        return None, None
 
 
 def _graph_name() -> str:
@@ -127,7 +131,9 @@ class SpargeBackend:
                                                   opts)
         name = _graph_name()
         gr = sparsify_graph(gm, config, plan, graph_name=name)
-        gr.code, gr.inner = _current_code(), inner if isinstance(inner, str) else getattr(
+        code, owner = _current_frame()
+        gr.code, gr.owner = code, (weakref.ref(owner) if owner is not None else None)
+        gr.inner = inner if isinstance(inner, str) else getattr(
             inner, "__name__", "custom")
         with _LOCK:
             self.graphs.append(gr)
@@ -211,9 +217,12 @@ def explain(obj=None, *args, **kwargs) -> Report:
         return obj.report()
     codes = _codes_of(obj)
     files = {c.co_filename for c in codes}
+    root = getattr(obj, "_orig_mod", obj)
+    mods = {id(m) for m in root.modules()} if isinstance(root, torch.nn.Module) else None
     graphs = [g for g in _GRAPHS if g.code is not None and (
         g.code in codes or (g.code.co_name.startswith("torch_dynamo_resume_in_")
-                            and g.code.co_filename in files))]
+                            and g.code.co_filename in files))
+        and (mods is None or g.owner is None or (g.owner() is not None and id(g.owner()) in mods))]
     return Report(graphs)
 
 

@@ -89,7 +89,7 @@ def test_min_seq_len_is_a_guard_on_dynamic_length():
     model = Block(p=0.0).eval()
     compiled, be = compile_sparge(model, config=CFG.replace(min_seq_len=100), dynamic=True)
     with torch.no_grad():
-        for n in (64, 80, 128, 112):
+        for n in (72, 80, 128, 112):  # not 64 (duck sizing with the 64 channels)
             compiled(_x(n))
     short, long_ = be.report().sites
     assert not short.rewritten and short.reason.startswith("short") and long_.rewritten

@@ -73,6 +73,7 @@ class SiteReport:
 class GraphReport:
     graph: str
     code: object = None           # the code object Dynamo compiled (to find reports per model)
+    owner: object = None          # weakref to the module whose forward it was, if any
     sites: list[SiteReport] = field(default_factory=list)
     config: object = None
     inner: str = "inductor"
