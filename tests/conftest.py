@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _backend_tests_use_torch_kernels(request, monkeypatch):
+    """The backend tests check the graph rewrite, not the kernels (tests/test_kernels.py and
+    tests/test_ops.py run those in the interpreter): give them the op's PyTorch path, which
+    computes the same function, so CI stays within its time budget."""
+    if request.module.__name__.startswith("test_backend"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")

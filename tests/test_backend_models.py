@@ -31,6 +31,7 @@ def _check(model, n_sites, *inputs, out_of=lambda o: o):
     return rep
 
 
+@pytest.mark.slow
 def test_timm_vit():
     allow_broken_torchvision()
     timm = pytest.importorskip("timm")
@@ -42,6 +43,7 @@ def test_timm_vit():
     assert rep.sites[0].shapes["q"] == (1, 2, 65, 32)
 
 
+@pytest.mark.slow
 def test_diffusers_dit():
     allow_broken_torchvision()
     pytest.importorskip("diffusers")
@@ -56,6 +58,7 @@ def test_diffusers_dit():
     assert rep.sites[0].shapes["q"] == (1, 2, 64, 32)
 
 
+@pytest.mark.slow
 def test_transformers_bert():
     allow_broken_torchvision()
     transformers = pytest.importorskip("transformers")
