@@ -97,10 +97,13 @@ class WanStack(nn.Module):
 
 
 def compile_blocks(model: WanStack, backend: str, options: dict | None) -> None:
-    """Compile every block in place (regional compilation), replacing any earlier compile."""
+    """Compile every block in place (regional compilation), replacing any earlier compile.
+    backend "none": leave the blocks eager (the --quick dense baseline: no compile time)."""
     torch._dynamo.reset()
     for b in model.blocks:
         b._compiled_call_impl = None  # back to eager first: a failing compile leaves no stale one
+    if backend == "none":
+        return
     if backend == "sparge" and "sparge" not in torch._dynamo.list_backends(exclude_tags=()):
         # not pip-installed (e.g. PYTHONPATH=. on a bare machine): no entry point, same function
         from sparge_compile.backend import sparge_backend as backend
@@ -276,7 +279,7 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--no-dense", action="store_true", help="skip the inductor dense baseline (when "
                    "another run has it: `python -m bench report` merges them and computes speed-ups)")
-    p.add_argument("--dense-backend", default=None, help="default inductor (--quick: eager)")
+    p.add_argument("--dense-backend", default=None, help="default inductor (--quick: none, i.e. not compiled)")
     p.add_argument("--inner-backend", default=None,
                    help="the sparge backend's options['inner'] (default: its own, inductor; --quick: eager)")
     p.add_argument("--min-seq-len", type=int, default=None,
@@ -298,7 +301,7 @@ def run(args, out: Path | None = None) -> dict:
     train = not args.no_train
     sparsities = ([float(x) / (100 if float(x) > 1 else 1) for x in args.e2e_sparsities.split(",")]
                   if args.e2e_sparsities else (QUICK_SPARSITIES if quick else FULL_SPARSITIES))
-    dense_backend = args.dense_backend or ("eager" if quick else "inductor")
+    dense_backend = args.dense_backend or ("none" if quick else "inductor")
     inner = args.inner_backend or ("eager" if quick else None)
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024)
     timing = dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False)

@@ -1,7 +1,9 @@
-"""Kernel tuning run (GPU): time the parts and variants of the sparse kernels against SDPA and
-FlexAttention on the same mask, at the Wan2.1-1.3B attention shape (B=1, H=12, N=32768, D=128).
+"""Kernel tuning run (GPU): time the parts and variants of the sparse kernels against
+FlexAttention on the same mask, at the Wan2.1-1.3B attention shape (B=1, H=12, N=32768, D=128,
+bf16, 95% sparsity). Every variant is checked against the float32 PyTorch path first.
 
     PYTHONPATH=. python bench/tune_kernels.py   # writes $OUT/tune.json (or ./out/tune.json)
+    TUNE_D=64 TUNE_SPARSITY=0.9 ...             # other shapes
 """
 from __future__ import annotations
 
@@ -26,67 +28,100 @@ def bench(fn, rep=100):
         return f"error: {type(e).__name__}: {str(e)[:160]}"
 
 
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def sort_transpose(num, idx, nk):
+    """The previous transposed-index builder (torch sort), for comparison."""
+    dense = torch_impl.indices_to_dense(num, idx, nk).transpose(-2, -1).contiguous()
+    return dense.sum(-1, dtype=torch.int32), torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices
+
+
 def main():
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    B, H, N, D = 1, 12, int(os.environ.get("TUNE_N", 32768)), 128
+    B, H, N, D = 1, 12, int(os.environ.get("TUNE_N", 32768)), int(os.environ.get("TUNE_D", 128))
+    sparsity = float(os.environ.get("TUNE_SPARSITY", 0.95))
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     scale = D ** -0.5
     from torch.nn.attention.flex_attention import flex_attention
     flex = torch.compile(flex_attention)
-
-    # mask prediction parts
-    qb = mask_mod.pool_blocks_triton(q, 128)
+    res["shape"] = [B, H, N, D]
     res["pool_q"] = bench(lambda: mask_mod.pool_blocks_triton(q, 128))
     res["pool_k"] = bench(lambda: mask_mod.pool_blocks_triton(k, 64))
-    for bm in (2, 8):
-        for nw in (4,):
-            res[f"predict_bm{bm}_w{nw}"] = bench(lambda: mask_mod.predict_mask_triton(
-                q, k, scale, False, 0.05, 0.2, "hybrid", 128, 64, block_m=bm, num_warps=nw))
     res["predict_default"] = bench(lambda: sc.predict_block_mask(q, k, config=sc.SpargeConfig()))
+    cfg = sc.SpargeConfig(topk=round(1 - sparsity, 4), topp=0.0, mode="topk")
+    m = sc.predict_block_mask(q, k, config=cfg)
+    num, idx = m.kv_num_blocks, m.kv_indices
+    res["sparsity"] = m.sparsity()
+    res["predict_topk"] = bench(lambda: sc.predict_block_mask(q, k, config=cfg))
+    ref, ref_lse = torch_impl.attention_fwd(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
+                                            num[:, :2], idx[:, :2], scale, False, 128, 64)
     print(json.dumps(res), flush=True)
 
-    rows = []
-    for sp_target, topk in [(0.95, 0.05)]:
-        cfg = sc.SpargeConfig(topk=topk, topp=0.0, mode="topk")
-        m = sc.predict_block_mask(q, k, config=cfg)
-        num, idx = m.kv_num_blocks, m.kv_indices
-        r = {"target": sp_target, "sparsity": m.sparsity()}
-        o, lse = fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)
-        ref, _ = torch_impl.attention_fwd(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
-                                          num[:, :2], idx[:, :2], scale, False, 128, 64)
-        r["rel_err"] = float((o[:, :2].float() - ref).norm() / ref.norm())
-        for nw, ns in [(4, 2), (4, 3)]:
-            r[f"fwd_w{nw}_s{ns}"] = bench(lambda: fwd_mod.attention_fwd_triton(
-                q, k, v, num, idx, scale, False, 128, 64, nw, ns))
-        bm = m.to_flex()
-        r["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=bm))
-        do = torch.randn_like(q)
-        r["bwd_transpose"] = bench(lambda: torch_impl.transpose_indices(num, idx, idx.shape[-1]))
-        r["bwd_delta"] = bench(lambda: (do.float() * o.float()).sum(-1))
-        for sub in (32, 64, 128):
-            for nw, ns in [(4, 2), (8, 2), (4, 3), (8, 1)]:
-                r[f"bwd_dkdv_sub{sub}_w{nw}_s{ns}"] = bench(lambda: bwd_mod.attention_bwd_triton(
-                    do, q, k, v, o, lse, num, idx, scale, False, 128, 64, sub_m=sub, dkdv_warps=nw,
-                    dkdv_stages=ns))
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    fwd = {}
+    variants = [dict(num_warps=w, num_stages=s, rows=r)
+                for (w, s) in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 4)) for r in (128, 64)]
+    for var in variants:
+        name = "fwd_" + "_".join(f"{a}{int(b)}" for a, b in var.items())
+        try:
+            o, lse = fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64, **var)
+            err = rel(o[:, :2], ref)
+        except Exception as e:
+            fwd[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        fwd[name] = {"ms": bench(lambda: fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64,
+                                                                       **var)), "err": err}
+        print(name, fwd[name], flush=True)
+    res["fwd"] = fwd
+    bm = m.to_flex()
+    res["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=bm))
 
-        def fb():
-            sc.sparse_attention(qg, kg, vg, config=cfg).backward(do)
-        r["sparge_fwdbwd_total"] = bench(fb)
-        r["sparge_fwd_total"] = bench(lambda: sc.sparse_attention(q, k, v, config=cfg))
-        cfg128 = sc.SpargeConfig(topk=topk, topp=0.0, mode="topk", block_k=128)
-        bm128 = sc.predict_block_mask(q, k, config=cfg128).to_flex()
+    o, lse = fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)
+    res["transpose_sort"] = bench(lambda: sort_transpose(num, idx, idx.shape[-1]))
+    res["transpose_new"] = bench(lambda: torch_impl.transpose_indices(num, idx, idx.shape[-1]))
+    qn1, qi1 = sort_transpose(num, idx, idx.shape[-1])
+    qn2, qi2 = torch_impl.transpose_indices(num, idx, idx.shape[-1])
+    res["transpose_equal"] = bool(torch.equal(qn1, qn2) and torch.equal(qi1.int(), qi2))
+    # gradient reference on 2 heads
+    qf, kf, vf = (x[:, :2].float() for x in (q, k, v))
+    gref = torch_impl.attention_bwd(do[:, :2].float(), qf, kf, vf, ref, ref_lse, num[:, :2], idx[:, :2],
+                                    scale, False, 128, 64)
+    bwd = {}
+    bvars = [dict()]
+    bvars += [dict(dq_warps=w, dq_stages=s) for (w, s) in ((8, 1), (8, 2), (8, 3), (4, 2))]
+    bvars += [dict(dkdv_warps=4, dkdv_stages=3), dict(dkdv_warps=8, dkdv_stages=2, sub_m=64),
+              dict(sub_m=32, dkdv_warps=4, dkdv_stages=3)]
+    for var in bvars:
+        name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
+        try:
+            gr = bwd_mod.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False, 128, 64, **var)
+            errs = [rel(a[:, :2], b) for a, b in zip(gr, gref)]
+        except Exception as e:
+            bwd[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        bwd[name] = {"ms": bench(lambda: bwd_mod.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False,
+                                                                       128, 64, **var)), "err": errs}
+        print(name, bwd[name], flush=True)
+    res["bwd"] = bwd
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
-        def ffb():
-            flex(qg, kg, vg, block_mask=bm128).backward(do)
-        r["flex128_fwdbwd"] = bench(ffb)
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    res["rows"] = rows
-    with open(os.path.join(out_dir, "tune.json"), "w") as f:
+    def fb():
+        sc.sparse_attention(qg, kg, vg, config=cfg).backward(do)
+    res["sparge_fwdbwd_total"] = bench(fb)
+    res["sparge_fwd_total"] = bench(lambda: sc.sparse_attention(q, k, v, config=cfg))
+    bm128 = sc.predict_block_mask(q, k, config=cfg.replace(block_k=128)).to_flex()
+
+    def ffb():
+        flex(qg, kg, vg, block_mask=bm128).backward(do)
+    res["flex128_fwdbwd"] = bench(ffb)
+    res["flex128_fwd"] = bench(lambda: flex(q, k, v, block_mask=bm128))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("fwd", "bwd")}), flush=True)
+    name = f"tune_{N}x{D}_{int(round(sparsity * 100))}.json"
+    with open(os.path.join(out_dir, name), "w") as f:
         json.dump(res, f, indent=1)
 
 

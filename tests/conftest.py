@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _backend_tests_use_torch_kernels(request, monkeypatch):
-    """The backend tests check the graph rewrite, not the kernels (tests/test_kernels.py and
-    tests/test_ops.py run those in the interpreter): give them the op's PyTorch path, which
-    computes the same function, so CI stays within its time budget."""
-    if request.module.__name__.startswith("test_backend"):
+    """The backend and bench tests check the graph rewrite and the report code, not the kernels
+    (tests/test_kernels.py and tests/test_ops.py run those in the interpreter): give them the
+    op's PyTorch path, which computes the same function, so CI stays within its time budget."""
+    if request.module.__name__.startswith(("test_backend", "test_bench")):
         monkeypatch.setenv("TRITON_INTERPRET", "0")

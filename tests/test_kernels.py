@@ -151,3 +151,22 @@ def test_sink_row_keeps_more_than_topp_alone():
     n = torch.tensor([5])
     assert R.keep_counts(p, n, 0.0, 0.6, "topp")[2].item() == 1
     assert R.keep_counts(p, n, 0.5, 0.6, "hybrid")[2].item() == 3
+
+
+@settings(max_examples=4)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.integers(1, 20), st.booleans())
+def test_transposed_index_kernel(seed, nq, nk, garbage_tail):
+    """The backward's transposed index (Triton, used on the GPU) equals the torch one; entries
+    past kv_num (arbitrary in a FlexAttention BlockMask) are ignored."""
+    from sparge_compile.kernels import torch_impl
+    from sparge_compile.kernels.transpose import transpose_indices_triton
+
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(2, 2, nq, nk, generator=g) < 0.4
+    num, idx = torch_impl.dense_to_indices(dense)
+    if garbage_tail:
+        idx = torch.where(torch.arange(nk) < num[..., None], idx, 0)
+    q_num, q_idx = transpose_indices_triton(num, idx, nk)
+    assert torch.equal(torch_impl.indices_to_dense(q_num, q_idx, nq), dense.transpose(-2, -1))
+    ref_num, ref_idx = torch_impl.dense_to_indices(dense.transpose(-2, -1))
+    assert torch.equal(q_num, ref_num) and torch.equal(q_idx, ref_idx)

@@ -19,7 +19,11 @@ def _noncontig(seed=0, N=40, requires_grad=False):
                  for _ in range(3))
 
 
-def test_opcheck_predict_and_attention():
+def test_opcheck_predict_and_attention(monkeypatch):
+    """The registrations (schema, fake, autograd, AOT dispatch). opcheck calls the ops dozens of
+    times, so it runs them on the PyTorch path (the same function; the kernels are checked against
+    it and the float64 reference in tests/test_kernels.py, and their fake strides below)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _noncontig()
     num, idx = ops.predict_block_mask_op(q, k, 0.2, False, 0.3, 0.3, "hybrid", 16, 16)
     torch.library.opcheck(ops.predict_block_mask_op, (q, k, 0.2, False, 0.3, 0.3, "hybrid", 16, 16))

@@ -17,6 +17,7 @@ import triton.language as tl
 from ..reference import cdiv
 from .forward import LOG2E, dot_precision
 from .torch_impl import transpose_indices
+from .transpose import transpose_indices_triton
 
 
 @triton.jit
@@ -36,6 +37,24 @@ def _bwd_delta_kernel(O, DO, Delta, sob, soh, son, sod, Hq, Nq, D,
 
 
 @triton.jit
+def _dq_step(q, do, lse2, delta, dq, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_ok, qk_scale, Nk,
+             skn, skd, svn, svd, PREC: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """dQ += dS · K over the key rows offs_k (P recomputed from the saved log-sum-exp)."""
+    k_ok = offs_k < Nk
+    kd = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
+    v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    valid = k_ok[None, :] & m_ok[:, None]
+    if IS_CAUSAL:
+        valid = valid & (offs_k[None, :] <= offs_m[:, None])
+    p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
@@ -47,7 +66,6 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
     h = bh % Hq
     hk = h // G
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Nq
@@ -62,21 +80,11 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     row = bh * nq + i
     n_kept = tl.load(KvNum + row)
+    lut = KvIdx + row * nk
     for t in range(n_kept):
-        j = tl.load(KvIdx + row * nk + t)
-        offs_k = j * BLOCK_N + offs_n
-        k_ok = offs_k < Nk
-        kd = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = k_ok[None, :] & m_ok[:, None]
-        if IS_CAUSAL:
-            valid = valid & (offs_k[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_ok,
+                      qk_scale, Nk, skn, skd, svn, svd, PREC, IS_CAUSAL)
     dq = dq * scale
     tl.store(DQ + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
 
@@ -133,8 +141,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
+# H100 tuning (bench/NOTES.md): dQ 8 warps (2 stages at D 128, 3 at D <= 64); dK/dV 64-row
+# query slices, 4 warps, 2 stages. None = by head dim.
+BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2)
+
+
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         num_warps=None, num_stages=None, sub_m=None, dkdv_warps=None, dkdv_stages=None):
+                         **tuning):
+    """tuning: overrides of BWD_DEFAULTS (benchmarks only)."""
+    bad = set(tuning) - set(BWD_DEFAULTS)
+    if bad:
+        raise TypeError(f"unknown tuning options {sorted(bad)}")
+    cfg = dict(BWD_DEFAULTS, **tuning)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -143,24 +161,22 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(cdiv(Nq, 64), B * Hq)](out, dout, delta, *out.stride(), Hq, Nq, D,
                                               BLOCK_M=64, BLOCK_D=BLOCK_D, num_warps=4)
-    q_num, q_idx = transpose_indices(kv_num, kv_idx, nk)
+    # the transposed index: two Triton launches on the GPU; torch ops in the interpreter (faster there)
+    q_num, q_idx = (transpose_indices_triton if q.is_cuda else transpose_indices)(kv_num, kv_idx, nk)
     dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
     common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-                  PREC=dot_precision(q.dtype), num_warps=num_warps or (4 if D <= 64 else 8),
-                  num_stages=num_stages or (2 if D > 64 else 1))
+                  PREC=dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E
     _bwd_dq_kernel[(nq, B * Hq)](q, k, v, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
-                                 *strides, *dims, **common)
-    # H100 tuning (bench/NOTES.md): dK/dV best with 64-row query slices, 4 warps, 2 stages
-    dkdv = dict(common, SUB_M=min(block_q, sub_m or 64), num_warps=4, num_stages=2)
-    if dkdv_warps:
-        dkdv["num_warps"] = dkdv_warps
-    if dkdv_stages:
-        dkdv["num_stages"] = dkdv_stages
+                                 *strides, *dims, **common,
+                                 num_warps=cfg["dq_warps"] or 8,
+                                 num_stages=cfg["dq_stages"] or (2 if D > 64 else 3))
     _bwd_dkdv_kernel[(nk, B * Hkv)](q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, qk_scale,
-                                    float(scale), *strides, *dims, **dkdv)
+                                    float(scale), *strides, *dims, **common,
+                                    SUB_M=min(block_q, cfg["sub_m"]), num_warps=cfg["dkdv_warps"],
+                                    num_stages=cfg["dkdv_stages"])
     return dq, dk, dv

@@ -1,14 +1,12 @@
 """Triton sparse attention forward: FlashAttention-style online softmax over kept key blocks.
 
-One program per (query block, batch x query head). It walks the row's index list
-(kv_indices[:kv_num_blocks]); dropped key blocks are never loaded. Scores are scaled by
-scale·log2(e) and exponentiated with exp2; the accumulators are fp32; the row's
-log-sum-exp (natural log) is saved for the backward pass. Causal masking (SDPA's, top-left)
-is applied element-wise inside blocks that cross the diagonal.
+One program per (BLOCK_M query rows, batch x query head); BLOCK_M is the mask's block_q or a
+fraction of it. It walks the row's index list (kv_indices[:kv_num_blocks]); dropped key
+blocks are never loaded. Scores are scaled by scale·log2(e) and exponentiated with exp2; the accumulators are fp32;
+the row's log-sum-exp (natural log) is saved for the backward pass. Causal masking (SDPA's,
+top-left) is applied element-wise inside the tiles.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -20,19 +18,49 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
+            skn, skd, svn, svd, PREC: tl.constexpr, EVEN: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """One online-softmax step over the key rows offs_k."""
+    k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
+    if EVEN:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    if not EVEN:
+        s = tl.where((offs_k < Nk)[None, :], s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if IS_CAUSAL:  # a row may see no key in this tile yet
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
-                EVEN_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D) if not EVEN_D else (offs_d < BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
@@ -42,33 +70,14 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row = bh * nq + i
+    row = bh * nq + (i * BLOCK_M) // MASK_M
     n_kept = tl.load(KvNum + row)
+    lut = KvIdx + row * nk
+    EVEN: tl.constexpr = EVEN_N and EVEN_D
     for t in range(n_kept):
-        j = tl.load(KvIdx + row * nk + t)
-        offs_k = j * BLOCK_N + offs_n
-        k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
-        v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
-        if EVEN_N and EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if not EVEN_N:
-            s = tl.where((offs_k < Nk)[None, :], s, float("-inf"))
-        if IS_CAUSAL:
-            s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if EVEN_N and EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
+                                qk_scale, Nk, skn, skd, svn, svd, PREC, EVEN, IS_CAUSAL)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
@@ -83,26 +92,32 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def fwd_defaults(D: int) -> dict:
+    """H100 tuning (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim."""
+    return dict(num_warps=8, num_stages=3) if D <= 64 else dict(num_warps=4, num_stages=3)
+
+
 def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         num_warps=None, num_stages=None):
+                         num_warps=None, num_stages=None, rows=None):
+    """rows: query rows per program (default block_q; a power-of-2 fraction of it also works)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
-    if num_warps is None:
-        num_warps = 4
-    if num_stages is None:
-        num_stages = 2
-    _fwd_kernel[(nq, B * Hq)](
+    tuned = fwd_defaults(D)
+    rows = min(block_q, rows or block_q)
+    if block_q % rows:
+        raise ValueError(f"rows per program ({rows}) must divide block_q ({block_q})")
+    _fwd_kernel[(nq * (block_q // rows), B * Hq)](
         q, k, v, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
-        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
+        BLOCK_M=rows, MASK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
         PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
     return out, lse
 
 
-__all__ = ["attention_fwd_triton", "LOG2E", "math"]
+__all__ = ["attention_fwd_triton", "dot_precision", "fwd_defaults", "LOG2E"]

@@ -20,20 +20,29 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 def dense_to_indices(dense: torch.Tensor):
     """(B, H, nq, nk) bool -> kv_num (B, H, nq) int32, kv_idx (B, H, nq, nk) int32.
 
-    Kept block indices come first in ascending order, then the dropped ones ascending.
+    Kept block indices come first in ascending order, then the dropped ones ascending. No sort:
+    a kept block j goes to slot (kept up to j) - 1, a dropped one to num + j - (kept up to j).
     """
     dense = dense.contiguous()
-    num = dense.sum(-1, dtype=torch.int32).contiguous()
-    idx = torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    n = dense.shape[-1]
+    kept_upto = dense.cumsum(-1, dtype=torch.int32)
+    num = kept_upto[..., -1].contiguous() if n else dense.sum(-1, dtype=torch.int32)
+    cols = torch.arange(n, device=dense.device, dtype=torch.int32)
+    slot = torch.where(dense, kept_upto - 1, num[..., None] + cols - kept_upto)
+    idx = torch.empty_like(kept_upto)
+    idx.scatter_(-1, slot.long(), cols.expand_as(idx))
     return num, idx
 
 
 def indices_to_dense(num: torch.Tensor, idx: torch.Tensor, nk: int) -> torch.Tensor:
-    """Inverse of :func:`dense_to_indices` (only the first num entries of each row count)."""
+    """Inverse of :func:`dense_to_indices`; only the first num entries of each row count (the
+    rest may hold anything, as in a FlexAttention BlockMask)."""
     valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].to(torch.int64)
-    dense = torch.zeros(*idx.shape[:-1], nk, dtype=torch.bool, device=idx.device)
-    dense.scatter_(-1, idx.to(torch.int64).clamp(0, nk - 1), valid)
-    return dense
+    # entries past num go to a spare column nk, so they can never clear a kept block
+    target = torch.where(valid, idx.to(torch.int64).clamp(0, nk - 1), nk)
+    dense = torch.zeros(*idx.shape[:-1], nk + 1, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, target, True)
+    return dense[..., :nk]
 
 
 def transpose_indices(num: torch.Tensor, idx: torch.Tensor, nk: int):
