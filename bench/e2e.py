@@ -185,16 +185,27 @@ def attention_alone(B, H, N, D, device, dtype, timing, train: bool, errors: dict
     return res
 
 
-def explain(model) -> dict | None:
-    """The backend's report (sc.explain), if the package has one."""
+def explain(model, skip: int = 0) -> dict | None:
+    """The backend's report (sc.explain), if the package has one, without its first ``skip``
+    graphs (those of earlier compiles of the same blocks: explain() keeps every graph)."""
     import sparge_compile as sc
 
     fn = getattr(sc, "explain", None)
     if fn is None:
         return None
     rep = fn(model)
+    if skip:
+        rep = type(rep)(rep.graphs[skip:])
     sites = rep.as_dicts() if hasattr(rep, "as_dicts") else None
     return {"table": str(rep), "sites": sites}
+
+
+def n_graphs(model) -> int:
+    """How many compiled graphs explain() lists for ``model`` so far."""
+    import sparge_compile as sc
+
+    fn = getattr(sc, "explain", None)
+    return len(fn(model).graphs) if fn is not None else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +354,7 @@ def run(args, out: Path | None = None) -> dict:
                 opts["inner"] = inner
             cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=bq, block_k=bk, mode="hybrid",
                                min_seq_len=min_seq_len)
+            before = C.guarded(lambda: n_graphs(model), errors, "explain") or 0
             compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts) or True, errors, "sparge_compile")
             res = {}
             if compiled:  # never time the previous (dense) compile under the sparge label
@@ -350,7 +362,7 @@ def run(args, out: Path | None = None) -> dict:
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors, config=cfg)
             row = _row("sparge", s, res, att, depth, errors)
             row["options"] = opts
-            row["report"] = C.guarded(lambda: explain(model), errors, "explain")
+            row["report"] = C.guarded(lambda: explain(model, before), errors, "explain")
             sites = (row["report"] or {}).get("sites") or []
             if sites:
                 rw = [x for x in sites if x.get("rewritten")]
