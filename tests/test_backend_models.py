@@ -23,7 +23,16 @@ def _check(model, n_sites, *inputs, out_of=lambda o: o):
     ref = out_of(run_same_masks(model, masks_of(be), *inputs))
     ref.square().mean().backward()
     assert rel_err(out, ref) < 1e-4
-    assert grads and all(rel_err(g, dict(model.named_parameters())[n].grad) < 1e-3 for n, g in grads.items())
+    ref_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # a parameter off the loss's path (BERT's pooler) has grad None eagerly, zeros compiled
+    assert ref_grads and set(ref_grads) <= set(grads)
+    assert all(not grads[n].any() for n in set(grads) - set(ref_grads))
+    # each gradient to 1e-3 of its norm; gradients that are ~0 (e.g. BERT's embedding LayerNorm,
+    # ~1e-10) to 1e-3 of a floor of 1% of the largest one, not of their own rounding noise
+    floor = 1e-2 * max(float(g.norm()) for g in ref_grads.values())
+    for n, r in ref_grads.items():
+        g = grads[n]
+        assert float((g - r).double().norm()) <= 1e-3 * max(float(r.norm()), floor), n
     before = [p.detach().clone() for p in model.parameters()]
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -52,14 +61,16 @@ def test_diffusers_dit():
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, num_layers=2,
                                   sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    for m in model.modules():  # the class-label dropout (classifier-free guidance) is random in train()
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
     x = torch.randn(1, 4, 16, 16)
     t, y = torch.tensor([10]), torch.tensor([3])
     rep = _check(model, 2, x, t, y, out_of=lambda o: o.sample if hasattr(o, "sample") else o[0])
     assert rep.sites[0].shapes["q"] == (1, 2, 64, 32)
 
 
-@pytest.mark.slow
-def test_transformers_bert():
+def test_transformers_bert():  # cheap enough for every CI run; timm and diffusers: -m slow
     allow_broken_torchvision()
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
