@@ -73,25 +73,32 @@ def _smooth_field(C_: int, T: int, Hh: int, W: int, sigma: tuple, gen, device) -
     return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
 
 
-def rope_3d(x: torch.Tensor, T: int, Hh: int, W: int, theta: float = 10000.0) -> torch.Tensor:
-    """Wan-style 3-D rotary embedding on (..., N, D): D/2 rotation pairs split over (t, h, w)."""
-    D = x.shape[-1]
+def rope_tables(T: int, Hh: int, W: int, D: int, device=None, theta: float = 10000.0):
+    """cos, sin (T*Hh*W, D/2) of the Wan-style 3-D rotary embedding: D/2 pairs split over (t, h, w)."""
     half = D // 2
     nh = half // 3
     nt = half - 2 * nh
-    dev = x.device
-    t, h, w = torch.meshgrid(torch.arange(T, device=dev), torch.arange(Hh, device=dev),
-                             torch.arange(W, device=dev), indexing="ij")
+    t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(Hh, device=device),
+                             torch.arange(W, device=device), indexing="ij")
 
     def freqs(n):
-        return theta ** (-torch.arange(n, device=dev, dtype=torch.float32) / max(1, n))
+        return theta ** (-torch.arange(n, device=device, dtype=torch.float32) / max(1, n))
 
     ang = torch.cat([t.reshape(-1, 1) * freqs(nt), h.reshape(-1, 1) * freqs(nh),
                      w.reshape(-1, 1) * freqs(nh)], dim=-1)  # (N, half)
-    cos, sin = ang.cos(), ang.sin()
-    xp = x.float().reshape(*x.shape[:-1], half, 2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the (even, odd) pairs of x (..., N, D) by the tables of :func:`rope_tables` (float32)."""
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)
     a, b = xp[..., 0], xp[..., 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(x.shape)
+
+
+def rope_3d(x: torch.Tensor, T: int, Hh: int, W: int, theta: float = 10000.0) -> torch.Tensor:
+    """Wan-style 3-D rotary embedding on (..., N, D): D/2 rotation pairs split over (t, h, w)."""
+    return apply_rope(x, *rope_tables(T, Hh, W, x.shape[-1], x.device, theta))
 
 
 def video_qkv(T: int, Hh: int, W: int, kinds: list[str], D: int, device, seed: int = 0,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import common as C
-from bench.accuracy import rope_3d
+from bench.accuracy import apply_rope, rope_3d
 
 FULL_SPARSITIES = [0.9, 0.95, 0.97]
 QUICK_SPARSITIES = [0.9]
@@ -67,13 +67,18 @@ class WanBlock(nn.Module):
         B, N, Cc = x.shape
         return x.view(B, N, self.heads, Cc // self.heads).transpose(1, 2)
 
-    def forward(self, x, e, ctx):
+    def forward(self, x, e, ctx, rope=None):
+        """rope: precomputed (cos, sin) of :func:`bench.accuracy.rope_tables` (else built here)."""
         B, N, Cc = x.shape
         s1, g1, a1, s2, g2, a2 = (self.modulation + e).chunk(6, dim=1)
         h = self.norm1(x) * (1 + g1) + s1
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        q = rope_3d(self._heads(self.norm_q(q)), *self.grid).to(x.dtype)
-        k = rope_3d(self._heads(self.norm_k(k)), *self.grid).to(x.dtype)
+        if rope is None:
+            q = rope_3d(self._heads(self.norm_q(q)), *self.grid).to(x.dtype)
+            k = rope_3d(self._heads(self.norm_k(k)), *self.grid).to(x.dtype)
+        else:
+            q = apply_rope(self._heads(self.norm_q(q)), *rope).to(x.dtype)
+            k = apply_rope(self._heads(self.norm_k(k)), *rope).to(x.dtype)
         a = F.scaled_dot_product_attention(q, k, self._heads(v))
         x = x + a1 * self.o(a.transpose(1, 2).reshape(B, N, Cc))
         cq = self._heads(self.cq(self.norm3(x)))

@@ -21,6 +21,7 @@ from .config import DEFAULT_CONFIG, SpargeConfig
 from .passes import sparsify_graph
 from .passes import runtime
 from .passes.report import GraphReport, Report, log_graph_report
+from .plan import SpargePlan
 
 log = logging.getLogger("sparge_compile.backend")
 
@@ -79,7 +80,16 @@ def _apply_options(config: SpargeConfig, inner, plan, inductor_opts, options: di
     inner = _check_inner(options.get("inner", inner))
     plan = options.get("plan", plan)
     inductor_opts = dict(inductor_opts or {}, **(options.get("inductor") or {}))
-    return config, inner, plan, inductor_opts
+    return config, inner, _check_plan(plan), inductor_opts
+
+
+def _check_plan(plan):
+    """A plan as the pass takes it: a SpargePlan (also from a saved path or its dict), a dict or
+    a callable."""
+    plan = SpargePlan.coerce(plan)
+    if plan is not None and not (callable(plan) or isinstance(plan, (dict, SpargePlan))):
+        raise TypeError(f"sparge: plan must be a SpargePlan, a dict or a callable, got {type(plan).__name__}")
+    return plan
 
 
 def _compile_inner(inner, gm, example_inputs, mode=None, inductor_opts=None):
@@ -105,9 +115,10 @@ class SpargeBackend:
 
     config: the SpargeConfig for every site (default: ``SpargeConfig()``).
     inner:  "inductor" (default), "aot_eager", "eager", or a backend callable for the rewritten graph.
-    plan:   None (rewrite every qualifying site), or per-site decisions: a dict
-            ``{site name: SpargeConfig | dict of fields | "dense" | None}`` (key "*" for the rest)
-            or a callable ``plan(site_report) -> SpargeConfig | None``.
+    plan:   None (rewrite every qualifying site), a :class:`SpargePlan` from ``calibrate`` (or
+            the path of a saved one), or per-site decisions: a dict ``{site id or name:
+            SpargeConfig | dict of fields | "dense" | None}`` (key "*" for the rest) or a
+            callable ``plan(site_report) -> SpargeConfig | None``.
     """
 
     def __init__(self, config: SpargeConfig | None = None, inner="inductor", plan=None):
@@ -115,13 +126,12 @@ class SpargeBackend:
             config = DEFAULT_CONFIG
         if not isinstance(config, SpargeConfig):
             raise TypeError(f"sparge: config must be a SpargeConfig, got {type(config).__name__}")
-        if plan is not None and not (callable(plan) or isinstance(plan, dict)):
-            raise TypeError(f"sparge: plan must be a dict or a callable, got {type(plan).__name__}")
         self.config = config
         self.inner = _check_inner(inner)
-        self.plan = plan
+        self.plan = _check_plan(plan)
         self.inductor_options: dict = {}
         self.graphs: list[GraphReport] = []
+        self.capture = False   # calibrate(): sites become the dense capture op; reports stay private
         self.__name__ = "sparge"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode=None,
@@ -130,14 +140,15 @@ class SpargeBackend:
         config, inner, plan, ind = _apply_options(self.config, self.inner, self.plan, self.inductor_options,
                                                   opts)
         name = _graph_name()
-        gr = sparsify_graph(gm, config, plan, graph_name=name)
         code, owner = _current_frame()
+        gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture)
         gr.code, gr.owner = code, (weakref.ref(owner) if owner is not None else None)
         gr.inner = inner if isinstance(inner, str) else getattr(
             inner, "__name__", "custom")
         with _LOCK:
             self.graphs.append(gr)
-            _GRAPHS.append(gr)
+            if not self.capture:
+                _GRAPHS.append(gr)
         if gr.sites:
             log_graph_report(gr)
         else:

@@ -1,9 +1,12 @@
 """The whole pass: graph -> sites -> decisions (config, plan, min_seq_len) -> rewrite -> report."""
 from __future__ import annotations
 
+import re
+
 from torch import fx
 
 from ..config import SpargeConfig
+from ..plan import SpargePlan
 from . import runtime
 from .graph import build_graph
 from .matcher import Site, find_sites, key_length
@@ -11,11 +14,56 @@ from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
 
 
+_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the module that owns ``node``, relative to the compiled root ("" if none).
+
+    From Dynamo's ``nn_module_stack`` ("L['self'].blocks.0.attn" -> "blocks.0.attn"; the root
+    local or global name is dropped, so compiling the model or a function calling it agree).
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _ROOT.sub("", str(path))
+    path = re.sub(r"\._modules\[(['\"])([^'\"]*)\1\]", r".\2", path)
+    path = re.sub(r"\[(['\"])([^'\"]*)\1\]", r".\2", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def assign_site_ids(sites: list[Site], code=None) -> list[str]:
+    """Stable ids: ``"<module path>#<ordinal of the site in that module>"`` in graph order.
+
+    The same model compiled again gets the same ids. A graph that starts after a graph break
+    (a Dynamo resume function) gets the resume point as a suffix, so its sites stay distinct.
+    """
+    suffix = ""
+    name = getattr(code, "co_name", "") or ""
+    if name.startswith("torch_dynamo_resume_in_"):
+        suffix = "@" + name[len("torch_dynamo_resume_in_"):]
+    counts: dict = {}
+    ids = []
+    for site in sites:
+        path = module_path(site.anchor)
+        i = counts.get(path, 0)
+        counts[path] = i + 1
+        ids.append(f"{path}#{i}{suffix}")
+    return ids
+
+
 def _plan_config(plan, site: Site, info: SiteReport, config: SpargeConfig):
     """A site's config from the plan: a SpargeConfig, or None to keep it dense."""
     if plan is None:
         return config
-    choice = plan(info) if callable(plan) else plan.get(site.name, plan.get("*", config))
+    if isinstance(plan, SpargePlan):
+        return plan.site_config(info.site_id, config)
+    if callable(plan):
+        choice = plan(info)
+    else:
+        choice = plan.get(info.site_id, plan.get(site.name, plan.get("*", config)))
     if choice is None or choice is False or choice == "dense":
         return None
     if choice is True or choice == "sparse":
@@ -36,15 +84,23 @@ def _short(nk, min_len: int) -> bool:
 
 
 def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_name: str = "graph",
-                   ) -> GraphReport:
-    """Find every attention site in ``gm``, rewrite the ones that qualify; return the report."""
+                   code=None, capture: bool = False) -> GraphReport:
+    """Find every attention site in ``gm``, rewrite the ones that qualify; return the report.
+
+    code: the code object Dynamo compiled (names the sites of a graph after a graph break).
+    capture: rewrite qualifying sites to the calibration capture op (dense attention that
+    reports its q, k, v to :mod:`sparge_compile.calibrate`) instead of the sparse op.
+    """
     g = build_graph(gm)
     sites = find_sites(gm, g)
+    ids = assign_site_ids(sites, code)
+    if isinstance(plan, SpargePlan):
+        plan.check_graph([(sid, s.kind, s.shapes) for sid, s in zip(ids, sites)], graph_name)
     report = GraphReport(graph=graph_name, config=config)
     replaced: dict = {}
-    for site in sites:
+    for site, sid in zip(sites, ids):
         info = SiteReport(graph_name, site.name, site.kind, site.spelling, site.rewrite, site.reason,
-                          site.shapes, site.dtype, site.is_causal)
+                          site.shapes, site.dtype, site.is_causal, site_id=sid)
         cfg = config
         if site.rewrite:
             cfg = _plan_config(plan, site, info, config)
@@ -58,7 +114,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
         if site.rewrite:
             key = runtime.new_site_key(f"{graph_name}/{site.name}")
             runtime.register_site(key, cfg)
-            rewrite_site(gm, site, cfg, key, replaced)
+            rewrite_site(gm, site, cfg, key, replaced, capture=capture)
             info.key, info.block_q, info.block_k = key, cfg.block_q, cfg.block_k
         report.sites.append(info)
     if replaced:

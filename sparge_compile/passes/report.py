@@ -29,6 +29,7 @@ class SiteReport:
     block_q: int | None = None
     block_k: int | None = None
     key: str | None = None     # run-time state key (rewritten sites)
+    site_id: str = ""          # stable id: "<module path>#<ordinal>" (what a SpargePlan names)
 
     @property
     def state(self):
@@ -63,7 +64,8 @@ class SiteReport:
 
     def as_dict(self) -> dict:
         sp = self.sparsity
-        return dict(graph=self.graph, site=self.name, kind=self.kind, spelling=self.spelling,
+        return dict(graph=self.graph, site=self.name, site_id=self.site_id, kind=self.kind,
+                    spelling=self.spelling,
                     rewritten=self.rewritten, reason=self.reason, shapes=self.shapes, dtype=self.dtype,
                     is_causal=self.is_causal, block_q=self.block_q, block_k=self.block_k,
                     calls=self.calls, sparsity=sp)
@@ -107,11 +109,11 @@ class Report:
         rows = []
         for s in self.sites:
             sp = s.sparsity
-            rows.append([s.graph, s.name, s.kind, "sparse" if s.rewritten else "dense",
+            rows.append([s.graph, s.name, s.site_id, s.kind, "sparse" if s.rewritten else "dense",
                          s.reason, "x".join(map(str, s.shapes.get("q", ()))),
                          "x".join(map(str, s.shapes.get("k", ()))), s.dtype,
                          "-" if sp is None else f"{sp:.1%}"])
-        head = ["graph", "site", "kind", "status", "reason", "q shape", "k shape", "dtype", "sparsity"]
+        head = ["graph", "site", "id", "kind", "status", "reason", "q shape", "k shape", "dtype", "sparsity"]
         n_sparse = len(self.rewritten)
         return (f"sparge: {len(self.sites)} attention site(s), {n_sparse} rewritten, "
                 f"{len(self.sites) - n_sparse} dense\n" + tabulate(rows, headers=head))

@@ -16,10 +16,11 @@ def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, config: SpargeConfig, key: str,
-                 replaced: dict | None = None) -> fx.Node:
+                 replaced: dict | None = None, capture: bool = False) -> fx.Node:
     """Insert the sparse call before the site's anchor and route the anchor's users to it.
 
     replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
+    capture: call the calibration capture op (dense attention, q/k/v reported) instead.
     """
     graph = gm.graph
     anchor = site.anchor
@@ -34,10 +35,12 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: SpargeConfig, key: str,
             new = graph.call_function(runtime.mha_forward, resolve((
                 a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
                 a["out_proj_weight"], a["out_proj_bias"], a["use_separate_proj_weight"], a["q_proj_weight"],
-                a["k_proj_weight"], a["v_proj_weight"], config.block_q, config.block_k, key)))
+                a["k_proj_weight"], a["v_proj_weight"], config.block_q, config.block_k, key)),
+                {"capture": True} if capture else None)
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
-            new = graph.call_function(runtime.site_attention, (
+            fn = runtime.site_capture_attention if capture else runtime.site_attention
+            new = graph.call_function(fn, (
                 q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
                 config.block_k, key))
             if site.out_perm is not None:
