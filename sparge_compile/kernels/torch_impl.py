@@ -77,6 +77,11 @@ def _chunk_scores(q, k, dense, s, e, scale, is_causal, block_q, block_k):
     return sc.masked_fill(~m, float("-inf"))
 
 
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows that see no key) replaced by 0, so exp(-inf - lse) = 0, not NaN."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
 def _expand_kv(x, G):
     return x if G == 1 else x.repeat_interleave(G, dim=1)
 
@@ -91,7 +96,9 @@ def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
     for s, e in _chunks(q.shape[2], block_q):
         sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k)
         l = torch.logsumexp(sc, dim=-1)
-        out[:, :, s:e] = (torch.exp(sc - l[..., None]) @ vf).to(q.dtype)
+        # a row that sees no key (a mask predicted without is_causal, used with it) gives 0 and
+        # lse -inf, as in the Triton kernel, not NaN
+        out[:, :, s:e] = (torch.exp(sc - _finite(l)[..., None]) @ vf).to(q.dtype)
         lse[:, :, s:e] = l.to(torch.float32)
     return out, lse
 
@@ -109,7 +116,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, blo
     dv = torch.zeros_like(vf)
     for s, e in _chunks(q.shape[2], block_q):
         sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k)
-        p = torch.exp(sc - lse[:, :, s:e, None].to(acc))
+        p = torch.exp(sc - _finite(lse[:, :, s:e, None].to(acc)))
         dv += p.transpose(-2, -1) @ do[:, :, s:e]
         dp = do[:, :, s:e] @ vf.transpose(-2, -1)
         delta = (do[:, :, s:e] * of[:, :, s:e]).sum(-1, keepdim=True)
