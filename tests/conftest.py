@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", deadline=None, max_examples=10, derandomize=False)
+settings.register_profile("ci", deadline=None, max_examples=8, derandomize=False)
 settings.register_profile("gpu", deadline=None, max_examples=30)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
 
