@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def finish(results: dict, out: Path, t0: float, env: dict | None) -> None:
                                         "seconds": time.perf_counter() - t0,
                                         "parts": {n: ("failed" if "failed" in r else "ok")
                                                   for n, r in results.items()},
+                                        "part_seconds": {n: r.get("seconds") for n, r in results.items()},
                                         "summary": summary({n: r for n, r in results.items()
                                                             if "failed" not in r})})
 
@@ -123,14 +125,17 @@ def main(argv=None) -> int:
     names = [n for n in names if n not in getattr(args, "skip", "").split(",")]
     results = {}
     for name in names:
+        t_part = time.perf_counter()
         try:
             results[name] = MODULES[name].run(args, out)
+            results[name]["seconds"] = time.perf_counter() - t_part
         except Exception as e:  # one part failing must not lose the others' report
             print(f"[{name}] failed: {C.short_error(e)}", flush=True)
             results[name] = {"benchmark": name, "failed": C.short_error(e)}
             continue
         for heading, body in MODULES[name].markdown(results[name]):
             print(f"\n## {name}: {heading}\n\n{body}", flush=True)
+        print(f"[{name}] done in {time.perf_counter() - t_part:.1f} s", flush=True)
     if cmd == "all":
         finish(results, out, t0, C.environment(C.pick_device(args.quick)))
     print(f"\nwrote {out}/ in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -138,4 +143,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything is written; skip the interpreter's teardown of torch/Dynamo/Triton state (seconds
+    # on a small CPU, most of a --quick run's tail)
+    os._exit(rc)
