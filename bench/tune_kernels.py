@@ -52,6 +52,10 @@ def main():
     res["shape"] = [B, H, N, D]
     res["pool_q"] = bench(lambda: mask_mod.pool_blocks_triton(q, 128))
     res["pool_k"] = bench(lambda: mask_mod.pool_blocks_triton(k, 64))
+    res["pool_qk_fused"] = bench(lambda: mask_mod.pool_qk_triton(q, k, 128, 64))
+    qb1, kb1 = mask_mod.pool_qk_triton(q, k, 128, 64)
+    res["pool_qk_equal"] = bool(torch.equal(qb1, mask_mod.pool_blocks_triton(q, 128))
+                                and torch.equal(kb1, mask_mod.pool_blocks_triton(k, 64)))
     res["predict_default"] = bench(lambda: sc.predict_block_mask(q, k, config=sc.SpargeConfig()))
     cfg = sc.SpargeConfig(topk=round(1 - sparsity, 4), topp=0.0, mode="topk")
     m = sc.predict_block_mask(q, k, config=cfg)
@@ -63,8 +67,8 @@ def main():
     print(json.dumps(res), flush=True)
 
     fwd = {}
-    variants = [dict(num_warps=w, num_stages=s, rows=r)
-                for (w, s) in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 4)) for r in (128, 64)]
+    variants = [dict(num_warps=w, num_stages=s, use_tma=t)
+                for t in (False, True) for (w, s) in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 4))]
     for var in variants:
         name = "fwd_" + "_".join(f"{a}{int(b)}" for a, b in var.items())
         try:
@@ -79,6 +83,17 @@ def main():
     res["fwd"] = fwd
     bm = m.to_flex()
     res["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=bm))
+    # fully dense mask: the best pointer and TMA variants against Flex dense
+    dcfg = sc.SpargeConfig(topk=1.0, topp=0.0, mode="topk")
+    dm = sc.predict_block_mask(q, k, config=dcfg)
+    dense = {}
+    for t in (False, True):
+        dense[f"fwd_tma{int(t)}"] = bench(lambda: fwd_mod.attention_fwd_triton(
+            q, k, v, dm.kv_num_blocks, dm.kv_indices, scale, False, 128, 64, use_tma=t), rep=50)
+    dbm = dm.to_flex()
+    dense["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=dbm), rep=50)
+    res["dense"] = dense
+    print("dense", dense, flush=True)
 
     o, lse = fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)
     res["transpose_sort"] = bench(lambda: sort_transpose(num, idx, idx.shape[-1]))

@@ -8,6 +8,8 @@ top-left) is applied element-wise inside the tiles.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -15,37 +17,46 @@ import triton.language as tl
 from ..reference import cdiv
 
 LOG2E = 1.4426950408889634
+# K/V through TMA tensor descriptors where the GPU has them (Hopper+); SPARGE_TMA=0 turns it off
+USE_TMA_DEFAULT = os.environ.get("SPARGE_TMA", "1") == "1"
+
+
+@triton.jit
+def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, PREC: tl.constexpr,
+                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows offs_k.
+    The scale·log2(e) factor is folded into the exponent (one FMA per score)."""
+    if not EVEN_N:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if IS_CAUSAL:  # a row may see no key in this tile yet
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
 def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
             skn, skd, svn, svd, PREC: tl.constexpr, EVEN: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """One online-softmax step over the key rows offs_k."""
+    """One online-softmax step over the key rows offs_k (pointer loads)."""
     k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
+    k_ok = offs_k < Nk
     if EVEN:
         k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    if not EVEN:
-        s = tl.where((offs_k < Nk)[None, :], s, float("-inf"))
-    if IS_CAUSAL:
-        s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if IS_CAUSAL:  # a row may see no key in this tile yet
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if EVEN:
         v = tl.load(v_ptrs)
     else:
-        v = tl.load(v_ptrs, mask=(offs_k < Nk)[:, None] & d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+        k = tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)
+    return _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, PREC, EVEN, IS_CAUSAL)
 
 
 @triton.jit
@@ -54,7 +65,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
                 Hq, G, Nq, Nk, nq, nk, D,
                 BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr):
+                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -65,8 +76,6 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     d_ok = (offs_d < D) if not EVEN_D else (offs_d < BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=(offs_m < Nq)[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -74,10 +83,22 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
     EVEN: tl.constexpr = EVEN_N and EVEN_D
-    for t in range(n_kept):
-        offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
-                                qk_scale, Nk, skn, skd, svn, svd, PREC, EVEN, IS_CAUSAL)
+    if USE_TMA:  # K and V are (B, Hkv, Nk, D) tensor descriptors; rows past Nk read as zeros
+        for t in range(n_kept):
+            start = tl.load(lut + t) * BLOCK_N
+            offs_k = start + tl.arange(0, BLOCK_N)
+            k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+            m_i, l_i, acc = _softmax_step(s, offs_k < Nk, offs_k, offs_m, m_i, l_i, acc, v, qk_scale,
+                                          PREC, EVEN_N, IS_CAUSAL)
+    else:
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        for t in range(n_kept):
+            offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
+                                    qk_scale, Nk, skn, skd, svn, svd, PREC, EVEN, IS_CAUSAL)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
@@ -92,30 +113,58 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def fwd_defaults(D: int) -> dict:
-    """H100 tuning (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim."""
-    return dict(num_warps=8, num_stages=3) if D <= 64 else dict(num_warps=4, num_stages=3)
+def fwd_defaults(D: int, tma: bool = False) -> dict:
+    """H100 tuning (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim and by
+    how K/V are loaded (TMA needs fewer stages in flight at D=128)."""
+    if D <= 64:
+        return dict(num_warps=8, num_stages=3)
+    return dict(num_warps=4, num_stages=2 if tma else 3)
+
+
+def tma_ok(x: torch.Tensor, D: int) -> bool:
+    """Hopper+ TMA loads of (1, 1, BLOCK_N, D) boxes: CUDA, 16-byte aligned base and strides,
+    unit last stride, a power-of-2 head dim of at least 16 bytes, and a Triton that has them."""
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    es = x.element_size()
+    return (x.stride(-1) == 1 and D == triton.next_power_of_2(D) and D * es >= 16
+            and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
+
+
+def _descriptor(x: torch.Tensor, block_n: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
 
 
 def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         num_warps=None, num_stages=None, rows=None):
-    """rows: query rows per program (default block_q; a power-of-2 fraction of it also works)."""
+                         num_warps=None, num_stages=None, rows=None, use_tma=None):
+    """rows: query rows per program (default block_q; a power-of-2 fraction of it also works).
+    use_tma: K/V through TMA tensor descriptors (default: where :func:`tma_ok` allows)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
-    tuned = fwd_defaults(D)
     rows = min(block_q, rows or block_q)
     if block_q % rows:
         raise ValueError(f"rows per program ({rows}) must divide block_q ({block_q})")
+    if use_tma is None:
+        use_tma = USE_TMA_DEFAULT
+    use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
+    kk, vv = (_descriptor(k, block_k), _descriptor(v, block_k)) if use_tma else (k, v)
+    tuned = fwd_defaults(D, use_tma)
     _fwd_kernel[(nq * (block_q // rows), B * Hq)](
-        q, k, v, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
+        q, kk, vv, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
         BLOCK_M=rows, MASK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-        PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
+        PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D, USE_TMA=use_tma,
         num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
     return out, lse
 

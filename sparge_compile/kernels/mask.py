@@ -20,10 +20,9 @@ _FORCE_BISECTION = False  # tests set this to exercise the large-nk path on smal
 
 
 @triton.jit
-def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
-                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+def _pool_block(X, Out, sxb, sxh, sxn, sxd, blk, bh, H, N, nb, D,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Out[bh, blk] = mean of X's rows blk*BLOCK ... (fp32), head dim padded to BLOCK_D."""
     b = bh // H
     h = bh % H
     rows = blk * BLOCK + tl.arange(0, BLOCK)
@@ -32,6 +31,26 @@ def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
     x = tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
     cnt = tl.minimum(N - blk * BLOCK, BLOCK).to(tl.float32)
     tl.store(Out + (bh * nb + blk) * BLOCK_D + cols, tl.sum(x, 0) / cnt)
+
+
+@triton.jit
+def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    _pool_block(X, Out, sxb, sxh, sxn, sxd, tl.program_id(0), tl.program_id(1), H, N, nb, D, BLOCK, BLOCK_D)
+
+
+@triton.jit
+def _pool_qk_kernel(Q, K, QB, KB, sqb, sqh, sqn, sqd, skb, skh, skn, skd, B, Hq, Hk, Nq, Nk, nq, nk, D,
+                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Both poolings in one launch: programs [0, nq) pool query blocks, [nq, nq + nk) key blocks."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    if blk < nq:
+        if bh < B * Hq:
+            _pool_block(Q, QB, sqb, sqh, sqn, sqd, blk, bh, Hq, Nq, nq, D, BQ, BLOCK_D)
+    else:
+        if bh < B * Hk:
+            _pool_block(K, KB, skb, skh, skn, skd, blk - nq, bh, Hk, Nk, nk, D, BK, BLOCK_D)
 
 
 @triton.jit
@@ -174,13 +193,26 @@ def pool_blocks_triton(x: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
+def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int):
+    """pool_blocks_triton of q and of k, in one launch."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
+    BLOCK_D = triton.next_power_of_2(D)
+    qb = torch.empty((B, Hq, nq, BLOCK_D), dtype=torch.float32, device=q.device)
+    kb = torch.empty((B, Hk, nk, BLOCK_D), dtype=torch.float32, device=q.device)
+    _pool_qk_kernel[(nq + nk, B * max(Hq, Hk))](
+        q, k, qb, kb, *q.stride(), *k.stride(), B, Hq, Hk, Nq, Nk, nq, nk, D,
+        BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D, num_warps=4)
+    return qb, kb
+
+
 def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k,
                         block_m=None, num_warps=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
-    qb = pool_blocks_triton(q, block_q)
-    kb = pool_blocks_triton(k, block_k)
+    qb, kb = pool_qk_triton(q, k, block_q, block_k)
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not q.is_cuda
     pairwise = NK_P2 <= (64 if interp else 32) and not _FORCE_BISECTION
