@@ -62,6 +62,23 @@ def main():
     num, idx = m.kv_num_blocks, m.kv_indices
     res["sparsity"] = m.sparsity()
     res["predict_topk"] = bench(lambda: sc.predict_block_mask(q, k, config=cfg))
+    # the selection kernel alone, by (query blocks per program, warps), on the hybrid default
+    qb, kb = mask_mod.pool_qk_triton(q, k, 128, 64)
+    scores = torch.empty(B, H, N // 128, N // 64, device="cuda")
+    mask_mod._score_kernel[(N // 128 // 64 or 1, N // 64 // 64, B * H)](
+        qb, kb, scores, D ** -0.5, H, 1, N // 128, N // 64, TILE=64, BLOCK_D=D, PREC="tf32x3", num_warps=4)
+    res["score_kernel"] = bench(lambda: mask_mod._score_kernel[(N // 128 // 64 or 1, N // 64 // 64, B * H)](
+        qb, kb, scores, D ** -0.5, H, 1, N // 128, N // 64, TILE=64, BLOCK_D=D, PREC="tf32x3", num_warps=4))
+    dc = sc.SpargeConfig()
+    base_sel = mask_mod.select_triton(scores, N, N, False, dc.topk, dc.topp, "hybrid", 128, 64)
+    sel = {}
+    for bm, w in ((8, 4), (8, 2), (4, 2), (4, 1), (2, 1), (16, 4), (16, 8), (1, 1)):
+        got = mask_mod.select_triton(scores, N, N, False, dc.topk, dc.topp, "hybrid", 128, 64, bm, w)
+        same = bool(torch.equal(got[0], base_sel[0]) and torch.equal(got[1], base_sel[1]))
+        sel[f"bm{bm}_w{w}"] = {"ms": bench(lambda: mask_mod.select_triton(
+            scores, N, N, False, dc.topk, dc.topp, "hybrid", 128, 64, bm, w)), "same": same}
+    res["select"] = sel
+    print("select", sel, flush=True)
     ref, ref_lse = torch_impl.attention_fwd(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
                                             num[:, :2], idx[:, :2], scale, False, 128, 64)
     print(json.dumps(res), flush=True)
@@ -107,9 +124,10 @@ def main():
                                     scale, False, 128, 64)
     bwd = {}
     bvars = [dict()]
-    bvars += [dict(dq_warps=w, dq_stages=s) for (w, s) in ((8, 1), (8, 2), (8, 3), (4, 2))]
-    bvars += [dict(dkdv_warps=4, dkdv_stages=3), dict(dkdv_warps=8, dkdv_stages=2, sub_m=64),
-              dict(sub_m=32, dkdv_warps=4, dkdv_stages=3)]
+    for t in (False, True):
+        bvars += [dict(use_tma=t, dq_warps=w, dq_stages=s) for (w, s) in ((8, 2), (8, 3), (4, 2), (4, 3))]
+        bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
+                  dict(use_tma=t, sub_m=32, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, sub_m=128, dkdv_warps=8)]
     for var in bvars:
         name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
         try:

@@ -40,7 +40,6 @@ def _check(model, n_sites, *inputs, out_of=lambda o: o):
     return rep
 
 
-@pytest.mark.slow
 def test_timm_vit():
     allow_broken_torchvision()
     timm = pytest.importorskip("timm")
@@ -52,7 +51,6 @@ def test_timm_vit():
     assert rep.sites[0].shapes["q"] == (1, 2, 65, 32)
 
 
-@pytest.mark.slow
 def test_diffusers_dit():
     allow_broken_torchvision()
     pytest.importorskip("diffusers")
@@ -70,7 +68,7 @@ def test_diffusers_dit():
     assert rep.sites[0].shapes["q"] == (1, 2, 64, 32)
 
 
-def test_transformers_bert():  # cheap enough for every CI run; timm and diffusers: -m slow
+def test_transformers_bert():
     allow_broken_torchvision()
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..reference import cdiv
+from . import forward as fwd_mod
 from .forward import LOG2E, dot_precision
 from .torch_impl import transpose_indices
 from .transpose import transpose_indices_triton
@@ -37,15 +38,11 @@ def _bwd_delta_kernel(O, DO, Delta, sob, soh, son, sod, Hq, Nq, D,
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, dq, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_ok, qk_scale, Nk,
-             skn, skd, svn, svd, PREC: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk,
+             PREC: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """dQ += dS · K over the key rows offs_k (P recomputed from the saved log-sum-exp)."""
-    k_ok = offs_k < Nk
-    kd = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
-    v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    valid = k_ok[None, :] & m_ok[:, None]
+    valid = (offs_k < Nk)[None, :] & m_ok[:, None]
     if IS_CAUSAL:
         valid = valid & (offs_k[None, :] <= offs_m[:, None])
     p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
@@ -59,7 +56,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -75,16 +72,26 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
     do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
     lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     row = bh * nq + i
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
-    for t in range(n_kept):
-        offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_ok,
-                      qk_scale, Nk, skn, skd, svn, svd, PREC, IS_CAUSAL)
+    if USE_TMA:  # K, V: (B, Hkv, Nk, D) tensor descriptors, rows past Nk read as zeros
+        for t in range(n_kept):
+            start = tl.load(lut + t) * BLOCK_N
+            k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, start + tl.arange(0, BLOCK_N), offs_m, m_ok,
+                          qk_scale, Nk, PREC, IS_CAUSAL)
+    else:
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        for t in range(n_kept):
+            offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+            kd = (offs_k < Nk)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk, PREC, IS_CAUSAL)
     dq = dq * scale
     tl.store(DQ + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
 
@@ -94,7 +101,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      Hq, G, Nq, Nk, nq, nk, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr):
+                     IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr,
+                     USE_TMA: tl.constexpr):
     j = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = Hq // G
@@ -121,9 +129,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
                 offs_m = i * BLOCK_M + sub * SUB_M + offs_m0
                 m_ok = offs_m < Nq
                 md = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                            mask=md, other=0.0)
-                do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
+                if USE_TMA:  # Q, DO: (B, Hq, Nq, D) descriptors, rows past Nq read as zeros
+                    q = Q.load([b, h, i * BLOCK_M + sub * SUB_M, 0]).reshape(SUB_M, BLOCK_D)
+                    do = DO.load([b, h, i * BLOCK_M + sub * SUB_M, 0]).reshape(SUB_M, BLOCK_D)
+                else:
+                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                                mask=md, other=0.0)
+                    do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
                 lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
                 delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
                 st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, SUB_M)
@@ -141,9 +153,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-# H100 tuning (bench/NOTES.md): dQ 8 warps (2 stages at D 128, 3 at D <= 64); dK/dV 64-row
-# query slices, 4 warps, 2 stages. None = by head dim.
-BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2)
+# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages; dK/dV 64-row query slices, 4 warps,
+# 2 stages; TMA loads where the GPU has them (None = forward.USE_TMA_DEFAULT).
+BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None)
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
@@ -171,12 +183,17 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E
-    _bwd_dq_kernel[(nq, B * Hq)](q, k, v, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
-                                 *strides, *dims, **common,
+    sub_m = min(block_q, cfg["sub_m"])
+    use_tma = fwd_mod.USE_TMA_DEFAULT if cfg["use_tma"] is None else cfg["use_tma"]
+    use_tma = bool(use_tma) and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)) and v.shape[-1] == D
+    kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
+    qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
+    _bwd_dq_kernel[(nq, B * Hq)](q, kd, vd, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
+                                 *strides, *dims, **common, USE_TMA=use_tma,
                                  num_warps=cfg["dq_warps"] or 8,
-                                 num_stages=cfg["dq_stages"] or (2 if D > 64 else 3))
-    _bwd_dkdv_kernel[(nk, B * Hkv)](q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, qk_scale,
-                                    float(scale), *strides, *dims, **common,
-                                    SUB_M=min(block_q, cfg["sub_m"]), num_warps=cfg["dkdv_warps"],
+                                 num_stages=cfg["dq_stages"] or 3)
+    _bwd_dkdv_kernel[(nk, B * Hkv)](qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale,
+                                    float(scale), *strides, *dims, **common, USE_TMA=use_tma,
+                                    SUB_M=sub_m, num_warps=cfg["dkdv_warps"],
                                     num_stages=cfg["dkdv_stages"])
     return dq, dk, dv

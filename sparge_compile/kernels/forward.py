@@ -135,7 +135,8 @@ def tma_ok(x: torch.Tensor, D: int) -> bool:
             and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
 
 
-def _descriptor(x: torch.Tensor, block_n: int):
+def descriptor(x: torch.Tensor, block_n: int):
+    """A TMA descriptor of x (B, H, N, D) loading (1, 1, block_n, D) boxes, zero past N."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
@@ -157,7 +158,7 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
     if use_tma is None:
         use_tma = USE_TMA_DEFAULT
     use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
-    kk, vv = (_descriptor(k, block_k), _descriptor(v, block_k)) if use_tma else (k, v)
+    kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if use_tma else (k, v)
     tuned = fwd_defaults(D, use_tma)
     _fwd_kernel[(nq * (block_q // rows), B * Hq)](
         q, kk, vv, out, lse, kv_num, kv_idx, float(scale) * LOG2E,

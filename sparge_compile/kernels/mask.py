@@ -16,7 +16,10 @@ import triton.language as tl
 from ..reference import cdiv
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
-_FORCE_BISECTION = False  # tests set this to exercise the large-nk path on small shapes
+_FORCE_BISECTION = False
+# GPU selection (H100, bench/tune_kernels.py): ~1024 block scores per program on one warp (the
+# bisection's row sums stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512)
+SELECT_ELEMS, SELECT_WARPS = 1024, 1  # tests set this to exercise the large-nk path on small shapes
 
 
 @triton.jit
@@ -209,29 +212,39 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
 
 def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k,
                         block_m=None, num_warps=None):
+    """Three launches: pool q and k, block scores, selection. Returns (kv_num, kv_idx)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     qb, kb = pool_qk_triton(q, k, block_q, block_k)
-    NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not q.is_cuda
-    pairwise = NK_P2 <= (64 if interp else 32) and not _FORCE_BISECTION
-    if interp:  # few programs: the interpreter's cost is per operation, not per element
-        BLOCK_M = max(16, min(triton.next_power_of_2(nq), 64 if pairwise else 256))
-    else:
-        BLOCK_M = 4 if pairwise else max(1, min(64, 4096 // NK_P2))
-    if block_m is not None:
-        BLOCK_M = block_m
     scores = torch.empty((B, Hq, nq, nk), dtype=torch.float32, device=q.device)
     TILE = 64 if not interp else max(16, min(64, triton.next_power_of_2(max(nq, nk))))
     _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
         qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1],
         PREC="tf32x3" if q.is_cuda else "ieee", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
-    num = torch.empty((B, Hq, nq), dtype=torch.int32, device=q.device)
-    idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=q.device)
-    grid = (cdiv(nq, BLOCK_M), B * Hq)
-    _select_kernel[grid](scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
-                         BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
-                         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise,
-                         num_warps=num_warps or 4)
+    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m, num_warps)
+
+
+def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
+                  num_warps=None):
+    """Hybrid selection on (B, H, nq, nk) block scores: (kv_num, kv_idx). block_m query blocks
+    per program and num_warps: GPU tuning (bench/tune_kernels.py)."""
+    B, Hq, nq, nk = scores.shape
+    NK_P2 = max(16, triton.next_power_of_2(nk))
+    interp = not scores.is_cuda
+    pairwise = NK_P2 <= (64 if interp else 32) and not _FORCE_BISECTION
+    if interp:  # few programs: the interpreter's cost is per operation, not per element
+        BLOCK_M = max(16, min(triton.next_power_of_2(nq), 64 if pairwise else 256))
+    else:
+        BLOCK_M = 4 if pairwise else max(1, min(64, SELECT_ELEMS // NK_P2))
+    if block_m is not None:
+        BLOCK_M = block_m
+    num = torch.empty((B, Hq, nq), dtype=torch.int32, device=scores.device)
+    idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=scores.device)
+    _select_kernel[(cdiv(nq, BLOCK_M), B * Hq)](
+        scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
+        BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2, IS_CAUSAL=bool(is_causal),
+        MODE=MODE_IDS[mode], PAIRWISE=pairwise,
+        num_warps=num_warps or (4 if pairwise or interp else SELECT_WARPS))
     return num, idx
