@@ -153,7 +153,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages; dK/dV 64-row query slices, 4 warps,
+# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared memory); dK/dV 64-row query slices, 4 warps,
 # 2 stages; TMA loads where the GPU has them (None = forward.USE_TMA_DEFAULT).
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None)
 
@@ -185,13 +185,14 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     qk_scale = float(scale) * LOG2E
     sub_m = min(block_q, cfg["sub_m"])
     use_tma = fwd_mod.USE_TMA_DEFAULT if cfg["use_tma"] is None else cfg["use_tma"]
-    use_tma = bool(use_tma) and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)) and v.shape[-1] == D
+    use_tma = (bool(use_tma) and D <= 128 and v.shape[-1] == D  # measured up to D = 128
+               and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
     _bwd_dq_kernel[(nq, B * Hq)](q, kd, vd, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
                                  *strides, *dims, **common, USE_TMA=use_tma,
                                  num_warps=cfg["dq_warps"] or 8,
-                                 num_stages=cfg["dq_stages"] or 3)
+                                 num_stages=cfg["dq_stages"] or (3 if D <= 128 else 2))
     _bwd_dkdv_kernel[(nk, B * Hkv)](qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale,
                                     float(scale), *strides, *dims, **common, USE_TMA=use_tma,
                                     SUB_M=sub_m, num_warps=cfg["dkdv_warps"],
