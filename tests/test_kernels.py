@@ -172,8 +172,8 @@ def test_transposed_index_kernel(seed, nq, nk, garbage_tail):
     assert torch.equal(q_num, ref_num) and torch.equal(q_idx, ref_idx)
 
 
-@settings(max_examples=3)
-@given(problems(max_n=80, head_dims=(32,), dtypes=(torch.float32,)))
+@settings(max_examples=2)  # backward in the interpreter: ~10-30 s per example
+@given(problems(max_n=64, head_dims=(32,), dtypes=(torch.float32,)))
 def test_tma_path_matches_reference(monkeypatch_tma, pb):
     """The kernels' TMA path (tensor descriptors for K/V in the forward and dQ, Q/dO in dK/dV; on
     by default on Hopper GPUs), forced on in the interpreter: rows past the end read as zeros,
