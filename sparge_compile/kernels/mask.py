@@ -37,12 +37,6 @@ def _pool_block(X, Out, sxb, sxh, sxn, sxd, blk, bh, H, N, nb, D,
 
 
 @triton.jit
-def _pool_kernel(X, Out, sxb, sxh, sxn, sxd, H, N, nb, D,
-                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    _pool_block(X, Out, sxb, sxh, sxn, sxd, tl.program_id(0), tl.program_id(1), H, N, nb, D, BLOCK, BLOCK_D)
-
-
-@triton.jit
 def _pool_qk_kernel(Q, K, QB, KB, sqb, sqh, sqn, sqd, skb, skh, skn, skd, B, Hq, Hk, Nq, Nk, nq, nk, D,
                     BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Both poolings in one launch: programs [0, nq) pool query blocks, [nq, nq + nk) key blocks."""
@@ -185,19 +179,9 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
              mask=row_ok[:, None] & (cj < nk)[None, :])
 
 
-def pool_blocks_triton(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, nb, BLOCK_D) fp32 block means, head dim zero-padded to a power of 2."""
-    B, H, N, D = x.shape
-    nb = cdiv(N, block)
-    BLOCK_D = triton.next_power_of_2(D)
-    out = torch.empty((B, H, nb, BLOCK_D), dtype=torch.float32, device=x.device)
-    _pool_kernel[(nb, B * H)](x, out, *x.stride(), H, N, nb, D, BLOCK=block, BLOCK_D=BLOCK_D,
-                              num_warps=4)
-    return out
-
-
 def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int):
-    """pool_blocks_triton of q and of k, in one launch."""
+    """Block means of q and of k, (B, H, nb, BLOCK_D) fp32 with the head dim zero-padded to a
+    power of two, in one launch."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
