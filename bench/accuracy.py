@@ -395,12 +395,14 @@ def plot(result: dict, path: Path):
     return C.save_fig(fig, path)
 
 
-def write(result: dict, out: Path) -> dict:
+def write(result: dict, out: Path, plots: bool = True) -> dict:
+    """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
     out = Path(out)
     files = {"json": str(C.write_json(out / "accuracy.json", result))}
     files["md"] = str(C.write_markdown(out / "accuracy.md", "Accuracy vs sparsity per mask rule",
                                        markdown(result), result["env"], result.get("command")))
-    png = C.guarded(lambda: plot(result, out / "accuracy.png"), result.setdefault("errors", {}), "plot")
+    png = plots and C.guarded(lambda: plot(result, out / "accuracy.png"),
+                              result.setdefault("errors", {}), "plot")
     if png:
         files["png"] = str(png)
     return files
@@ -472,7 +474,7 @@ def run(args, out: Path | None = None) -> dict:
             result["sources"].append(src)
             result["seconds"] = time.perf_counter() - t0
             if out is not None:
-                write(result, out)
+                write(result, out, plots=False)
     result["seconds"] = time.perf_counter() - t0
     if out is not None:
         result["files"] = write(result, out)

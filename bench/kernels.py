@@ -302,12 +302,14 @@ def plot(result: dict, path: Path):
     return C.save_fig(fig, path)
 
 
-def write(result: dict, out: Path) -> dict:
+def write(result: dict, out: Path, plots: bool = True) -> dict:
+    """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
     out = Path(out)
     files = {"json": str(C.write_json(out / "kernels.json", result))}
     files["md"] = str(C.write_markdown(out / "kernels.md", "Kernel speed", markdown(result),
                                        result["env"], result.get("command")))
-    png = C.guarded(lambda: plot(result, out / "kernels.png"), result.setdefault("report_errors", {}), "plot")
+    png = plots and C.guarded(lambda: plot(result, out / "kernels.png"),
+                              result.setdefault("report_errors", {}), "plot")
     if png:
         files["png"] = str(png)
     return files
@@ -427,7 +429,7 @@ def run(args, out: Path | None = None) -> dict:
             result["seconds"] = time.perf_counter() - t_start
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
             if out is not None:  # after every shape: a run cut short keeps what it measured
-                write(result, out)
+                write(result, out, plots=False)
     result["seconds"] = time.perf_counter() - t_start
     if out is not None:
         result["files"] = write(result, out)
