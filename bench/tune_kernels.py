@@ -85,6 +85,8 @@ def main():
     fwd = {}
     variants = [dict(num_warps=w, num_stages=s, use_tma=t)
                 for t in (False, True) for (w, s) in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 4))]
+    if os.environ.get("TUNE_FWD", "1") != "1":  # only the default
+        variants = [dict()]
     for var in variants:
         name = "fwd_" + "_".join(f"{a}{int(b)}" for a, b in var.items())
         try:
@@ -123,10 +125,14 @@ def main():
                                     scale, False, 128, 64)
     bwd = {}
     bvars = [dict()]
-    for t in (False, True):
-        bvars += [dict(use_tma=t, dq_warps=w, dq_stages=s) for (w, s) in ((8, 2), (8, 3), (4, 2), (4, 3))]
-        bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
-                  dict(use_tma=t, sub_m=32, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, sub_m=128, dkdv_warps=8)]
+    if os.environ.get("TUNE_BWD", "all") == "all":
+        for t in (False, True):
+            bvars += [dict(use_tma=t, dq_warps=w, dq_stages=s) for (w, s) in ((8, 2), (8, 3), (4, 2), (4, 3))]
+            bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
+                      dict(use_tma=t, sub_m=32, dkdv_warps=4, dkdv_stages=3),
+                      dict(use_tma=t, sub_m=128, dkdv_warps=8)]
+    # dK/dV stages and slice rows; dQ on 64-row programs (two per query block)
+    bvars += [dict(dkdv_stages=3), dict(sub_m=32, dkdv_stages=3), dict(dq_rows=64, dq_warps=4, dq_stages=2)]
     for var in bvars:
         name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
         try:
@@ -139,6 +145,10 @@ def main():
                                                                        128, 64, **var)), "err": errs}
         print(name, bwd[name], flush=True)
     res["bwd"] = bwd
+    from bench.profile_kernels import compiler_report
+    res["compiler"] = compiler_report()
+    for row in res["compiler"]:
+        print(row, flush=True)
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
     def fb():
