@@ -39,10 +39,57 @@ def compiler_report() -> list[dict]:
                         continue
                     by_regs = 65536 // max(1, regs * 32 * warps)
                     by_smem = (228 * 1024) // shared if shared else 32
-                    rows.append({"kernel": name, "warps": warps, "stages": kern.metadata.num_stages, "regs": regs, "spills": spills,
-                                 "shared_kb": round(shared / 1024, 1),
+                    rows.append({"kernel": name, "warps": warps, "stages": kern.metadata.num_stages,
+                                 "regs": regs, "spills": spills, "shared_kb": round(shared / 1024, 1),
                                  "programs_per_sm": min(by_regs, by_smem, 64 // warps)})
     return rows
+
+
+def host_us(fn, iters: int = 200) -> float:
+    """Microseconds per call with no sync inside the loop: on a tiny problem the GPU is idle
+    most of the time, so this is the host (Python, dispatch, launch) cost of one call."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / iters * 1e6, 1)
+
+
+def host_report() -> dict:
+    """Host cost of each layer of one call, at a shape whose GPU time is small (N = 8192, 97%)."""
+    from sparge_compile import ops
+    from sparge_compile.kernels import forward as fwd
+    from sparge_compile.kernels import mask
+    from sparge_compile.validate import check_qkv
+
+    B, H, N, D = 1, 12, 8192, 128
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    cfg = sc.SpargeConfig(topk=0.03, topp=0.0, mode="topk")
+    m = sc.predict_block_mask(q, k, config=cfg)
+    num, idx, scale = m.kv_num_blocks, m.kv_indices, D ** -0.5
+    res = {
+        "check_qkv": host_us(lambda: check_qkv(q, k, v, None)),
+        "predict_block_mask": host_us(lambda: sc.predict_block_mask(q, k, config=cfg)),
+        "predict_op": host_us(lambda: ops.predict_block_mask_op(q, k, scale, False, 0.03, 0.0, "topk", 128, 64)),
+        "predict_triton": host_us(lambda: mask.predict_mask_triton(q, k, scale, False, 0.03, 0.0, "topk", 128, 64)),
+        "pool_qk_triton": host_us(lambda: mask.pool_qk_triton(q, k, 128, 64)),
+        "sparse_attention_mask_given": host_us(lambda: sc.sparse_attention(q, k, v, block_mask=m)),
+        "fwd_op": host_us(lambda: ops.block_sparse_attention_op(q, k, v, num, idx, scale, False, 128, 64)),
+        "fwd_triton_tma": host_us(lambda: fwd.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)),
+        "fwd_triton_ptr": host_us(lambda: fwd.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64,
+                                                                   use_tma=False)),
+        "tma_descriptors_x2": host_us(lambda: (fwd.descriptor(k, 64), fwd.descriptor(v, 64))),
+        "sparse_attention_total": host_us(lambda: sc.sparse_attention(q, k, v, config=cfg)),
+        "fwd_bwd_total": host_us(lambda: sc.sparse_attention(qg, kg, vg, config=cfg).backward(do), iters=100),
+    }
+    return res
 
 
 def main():
@@ -73,6 +120,8 @@ def main():
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=40)
     print(table)
+    res["host_us"] = host_report()
+    print("host_us", json.dumps(res["host_us"]), flush=True)
     res["compiler"] = compiler_report()
     for row in res["compiler"]:
         print(row)

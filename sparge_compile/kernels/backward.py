@@ -6,7 +6,8 @@
   the GQA group it walks the transposed index (the query blocks that kept this key block)
   and accumulates dK and dV. No atomics: the result is deterministic.
 
-P is recomputed from the saved log-sum-exp; delta = rowsum(dO ∘ O) as in FlashAttention-2.
+P is recomputed from the saved log-sum-exp; delta = rowsum(dO ∘ O) as in FlashAttention-2, computed
+by the dQ kernel (it loads dO anyway) and stored for the dK/dV kernel, which runs after it.
 """
 from __future__ import annotations
 
@@ -19,22 +20,6 @@ from . import forward as fwd_mod
 from .forward import LOG2E, dot_precision
 from .torch_impl import transpose_indices
 from .transpose import transpose_indices_triton
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, Delta, sob, soh, son, sod, Hq, Nq, D,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO ∘ O) in fp32 (dO contiguous)."""
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    md = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
-    do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
-    tl.store(Delta + bh * Nq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Nq)
 
 
 @triton.jit
@@ -52,8 +37,8 @@ def _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
+                   sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
@@ -73,7 +58,10 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
     # DO and DQ are contiguous (B, Hq, Nq, D)
     do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
     lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    # delta = rowsum(dO ∘ O) of these rows, stored for the dK/dV kernel (launched after this one)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * Nq + offs_m, delta, mask=m_ok)
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     row = bh * nq + (i * ROWS) // BLOCK_M
     n_kept = tl.load(KvNum + row)
@@ -168,8 +156,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared memory); dK/dV 64-row query slices, 4 warps,
-# 2 stages; TMA loads where the GPU has them (None = forward.USE_TMA_DEFAULT).
+# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared memory), a program per
+# query block (dq_rows); dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has
+# them (None = forward.USE_TMA_DEFAULT).
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None,
                     dq_rows=None)
 
@@ -186,9 +175,7 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     dout = dout.contiguous()
     BLOCK_D = triton.next_power_of_2(D)
-    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(cdiv(Nq, 64), B * Hq)](out, dout, delta, *out.stride(), Hq, Nq, D,
-                                              BLOCK_M=64, BLOCK_D=BLOCK_D, num_warps=4)
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     # the transposed index: two Triton launches on the GPU; torch ops in the interpreter (faster there)
     q_num, q_idx = (transpose_indices_triton if q.is_cuda else transpose_indices)(kv_num, kv_idx, nk)
     dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
@@ -208,10 +195,10 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     dq_rows = min(block_q, cfg["dq_rows"] or block_q)
     if block_q % dq_rows:
         raise ValueError(f"dq_rows ({dq_rows}) must divide block_q ({block_q})")
-    _bwd_dq_kernel[(nq * (block_q // dq_rows), B * Hq)](q, kd, vd, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale),
-                                 *strides, *dims, **common, USE_TMA=use_tma, ROWS=dq_rows,
-                                 num_warps=cfg["dq_warps"] or 8,
-                                 num_stages=cfg["dq_stages"] or (3 if D <= 128 else 2))
+    _bwd_dq_kernel[(nq * (block_q // dq_rows), B * Hq)](
+        q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
+        *strides, *dims, **common, USE_TMA=use_tma, ROWS=dq_rows, num_warps=cfg["dq_warps"] or 8,
+        num_stages=cfg["dq_stages"] or (3 if D <= 128 else 2))
     _bwd_dkdv_kernel[(nk, B * Hkv)](qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale,
                                     float(scale), *strides, *dims, **common, USE_TMA=use_tma,
                                     SUB_M=sub_m, num_warps=cfg["dkdv_warps"],
