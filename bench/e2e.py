@@ -101,9 +101,11 @@ class WanStack(nn.Module):
         return self.head(self.norm(x))
 
 
-def compile_blocks(model: WanStack, backend: str, options: dict | None) -> None:
+def compile_blocks(model: WanStack, backend: str, options: dict | None, mode: str | None = None) -> None:
     """Compile every block in place (regional compilation), replacing any earlier compile.
-    backend "none": leave the blocks eager (the --quick dense baseline: no compile time)."""
+    backend "none": leave the blocks eager (the --quick dense baseline: no compile time).
+    mode: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs); torch.compile takes mode or
+    options, not both, so with a mode the sparge options become a configured backend object."""
     torch._dynamo.reset()
     for b in model.blocks:
         b._compiled_call_impl = None  # back to eager first: a failing compile leaves no stale one
@@ -112,20 +114,34 @@ def compile_blocks(model: WanStack, backend: str, options: dict | None) -> None:
     if backend == "sparge" and "sparge" not in torch._dynamo.list_backends(exclude_tags=()):
         # not pip-installed (e.g. PYTHONPATH=. on a bare machine): no entry point, same function
         from sparge_compile.backend import sparge_backend as backend
+    kw = dict(backend=backend, options=options or None)
+    if mode:
+        kw = dict(backend=backend, mode=mode)
+        if backend == "sparge" or callable(backend):
+            import sparge_compile as sc
+
+            opts = dict(options or {})
+            inner = opts.pop("inner", "inductor")
+            kw["backend"] = sc.backend(config=sc.SpargeConfig(**opts), inner=inner,
+                                       record_masks=mode != "reduce-overhead")
     for b in model.blocks:
-        b.compile(backend=backend, options=options or None)
+        b.compile(**kw)
 
 
 # --------------------------------------------------------------------------------------------
 # Measurements
 
 
-def measure_model(model, inputs, device, timing, train: bool, errors: dict, prefix: str, ref=None):
-    """Compile time (first call), forward ms, output error vs ``ref``, fwd+bwd ms."""
+def measure_model(model, inputs, device, timing, train: bool, errors: dict, prefix: str, ref=None,
+                  new_step=None):
+    """Compile time (first call), forward ms, output error vs ``ref``, fwd+bwd ms.
+    new_step: called before every step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin)."""
     res = {}
     params = [p for p in model.parameters()]
+    new_step = new_step or (lambda: None)
 
     def fwd():
+        new_step()
         with torch.no_grad():
             return model(*inputs)
 
@@ -134,7 +150,7 @@ def measure_model(model, inputs, device, timing, train: bool, errors: dict, pref
         out = fwd()
         C.sync(device)
         res[f"{prefix}_compile_s"] = time.perf_counter() - t0
-        return out
+        return out.clone()  # under CUDA graphs (mode="reduce-overhead") later runs overwrite it
 
     out = C.guarded(first, errors, f"{prefix}_compile")
     if out is not None:
@@ -151,6 +167,7 @@ def measure_model(model, inputs, device, timing, train: bool, errors: dict, pref
         train_inputs = (x, *inputs[1:])
 
         def step():
+            new_step()
             model(*train_inputs).float().square().mean().backward()
 
         def first_train():
@@ -305,6 +322,8 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--dense-backend", default=None, help="default inductor (--quick: none, i.e. not compiled)")
     p.add_argument("--inner-backend", default=None,
                    help="the sparge backend's options['inner'] (default: its own, inductor; --quick: eager)")
+    p.add_argument("--mode", default=None, help="torch.compile mode for both backends, e.g. reduce-overhead "
+                   "(CUDA graphs: removes the per-launch host cost that bounds small shapes)")
     p.add_argument("--min-seq-len", type=int, default=None,
                    help="sparge min_seq_len (default 1024: the 512-token cross-attention stays dense)")
 
@@ -326,13 +345,15 @@ def run(args, out: Path | None = None) -> dict:
                   if args.e2e_sparsities else (QUICK_SPARSITIES if quick else FULL_SPARSITIES))
     dense_backend = args.dense_backend or ("none" if quick else "inductor")
     inner = args.inner_backend or ("eager" if quick else None)
+    mode = getattr(args, "mode", None)
+    new_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024)
     timing = dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False)
     C.bump_dynamo_cache()
     result = {"benchmark": "e2e", "env": C.environment(device), "command": C.command_line(),
               "args": dict(dim=dim, heads=heads, ffn=ffn, depth=depth, grid=list(grid), tokens=N,
                            text_len=text_len, dtype=str(dtype).replace("torch.", ""), B=1, train=train,
-                           sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner,
+                           sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner, mode=mode,
                            min_seq_len=min_seq_len, block_q=bq, block_k=bk, quick=quick),
               "rows": []}
     t_start = time.perf_counter()
@@ -348,8 +369,8 @@ def run(args, out: Path | None = None) -> dict:
         if not getattr(args, "no_dense", False):
             print(f"[e2e] dense, backend={dense_backend!r}, N={N}, depth={depth}", flush=True)
             errors: dict = {}
-            compile_blocks(model, dense_backend, None)
-            res, ref = measure_model(model, inputs, device, timing, train, errors, "m")
+            compile_blocks(model, dense_backend, None, mode)
+            res, ref = measure_model(model, inputs, device, timing, train, errors, "m", new_step=new_step)
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
             dense = _row("dense", None, res, att, depth, errors)
             result["rows"].append(dense)
@@ -367,10 +388,11 @@ def run(args, out: Path | None = None) -> dict:
             cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=bq, block_k=bk, mode="hybrid",
                                min_seq_len=min_seq_len)
             before = C.guarded(lambda: n_graphs(model), errors, "explain") or 0
-            compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts) or True, errors, "sparge_compile")
+            compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts, mode) or True, errors, "sparge_compile")
             res = {}
             if compiled:  # never time the previous (dense) compile under the sparge label
-                res, _ = measure_model(model, inputs, device, timing, train, errors, "m", ref=ref)
+                res, _ = measure_model(model, inputs, device, timing, train, errors, "m", ref=ref,
+                                       new_step=new_step)
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors, config=cfg)
             row = _row("sparge", s, res, att, depth, errors)
             row["options"] = opts

@@ -27,7 +27,7 @@ log = logging.getLogger("sparge_compile.backend")
 
 INNERS = ("inductor", "aot_eager", "eager")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SpargeConfig))
-EXTRA_OPTIONS = ("inner", "plan", "inductor")
+EXTRA_OPTIONS = ("inner", "plan", "inductor", "record_masks")
 RUNTIME_FIELDS = ("topk", "topp", "mode")   # change without a recompile (read by the mask op)
 
 _GRAPHS: list[GraphReport] = []
@@ -119,15 +119,21 @@ class SpargeBackend:
             the path of a saved one), or per-site decisions: a dict ``{site id or name:
             SpargeConfig | dict of fields | "dense" | None}`` (key "*" for the rest) or a
             callable ``plan(site_report) -> SpargeConfig | None``.
+    record_masks: keep each site's last mask for the report's measured sparsity (default). Set
+            False under CUDA graphs (``mode="reduce-overhead"``): their memory pool may hold no
+            untracked tensors. Note that CUDA graphs also freeze topk/topp/mode at capture time:
+            :meth:`set_config` then needs a new capture (``torch._dynamo.reset()`` and a new call).
     """
 
-    def __init__(self, config: SpargeConfig | None = None, inner="inductor", plan=None):
+    def __init__(self, config: SpargeConfig | None = None, inner="inductor", plan=None,
+                 record_masks: bool = True):
         if config is None:
             config = DEFAULT_CONFIG
         if not isinstance(config, SpargeConfig):
             raise TypeError(f"sparge: config must be a SpargeConfig, got {type(config).__name__}")
         self.config = config
         self.inner = _check_inner(inner)
+        self.record_masks = bool(record_masks)
         self.plan = _check_plan(plan)
         self.inductor_options: dict = {}
         self.graphs: list[GraphReport] = []
@@ -143,6 +149,10 @@ class SpargeBackend:
         code, owner = _current_frame()
         gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture)
         gr.code, gr.owner = code, (weakref.ref(owner) if owner is not None else None)
+        record = bool(opts.get("record_masks", self.record_masks))
+        for s in gr.sites:
+            if s.state is not None:
+                s.state.record = record
         gr.inner = inner if isinstance(inner, str) else getattr(
             inner, "__name__", "custom")
         with _LOCK:
@@ -179,9 +189,10 @@ class SpargeBackend:
         self.graphs.clear()
 
 
-def backend(config: SpargeConfig | None = None, inner="inductor", plan=None) -> SpargeBackend:
+def backend(config: SpargeConfig | None = None, inner="inductor", plan=None,
+            record_masks: bool = True) -> SpargeBackend:
     """A sparge backend callable for ``torch.compile(model, backend=...)`` (see :class:`SpargeBackend`)."""
-    return SpargeBackend(config=config, inner=inner, plan=plan)
+    return SpargeBackend(config=config, inner=inner, plan=plan, record_masks=record_masks)
 
 
 def sparge_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode=None,

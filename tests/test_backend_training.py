@@ -132,6 +132,29 @@ def test_options_and_entry_point():
         sc.backend(inner="tvm")
 
 
+def test_record_masks_off_keeps_no_mask_same_output():
+    """record_masks=False (for CUDA graphs): same output, no mask kept, no measured sparsity; also
+    settable through torch.compile options."""
+    model = Block(p=0.0).eval()
+    x = _x(128)
+    outs = []
+    for record in (True, False):
+        torch._dynamo.reset()
+        be = sc.backend(CFG, inner="aot_eager", record_masks=record)
+        with torch.no_grad():
+            outs.append(torch.compile(model, backend=be)(x))
+        site = be.report().sites[0]
+        assert site.calls == 1 and (site.sparsity is not None) == record
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="sparge", options={"block_q": 16, "block_k": 16, "min_seq_len": 0,
+                                                        "inner": "aot_eager", "record_masks": False})
+    with torch.no_grad():
+        f(x)
+    site = sc.explain(f).sites[-1]  # explain() also lists the earlier compiles of Block.forward
+    assert site.calls == 1 and site.sparsity is None
+
+
 def test_explain_runs_the_model_and_logs(caplog):
     torch._dynamo.reset()
     model = Block(p=0.0).eval()

@@ -36,6 +36,7 @@ class SiteState:
     kv_len: int = 0
     is_causal: bool = False
     calls: int = 0
+    record: bool = True   # keep a reference to the last mask (for the report's measured sparsity)
 
 
 _SITES: dict[str, SiteState] = {}
@@ -67,7 +68,12 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
     num, idx = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
                                          block_q, block_k)
     if st is not None:
-        st.kv_num, st.kv_idx = num, idx
+        # under CUDA graphs (mode="reduce-overhead") the mask lives in the graph's memory pool,
+        # which may not hold untracked references (also during the eager warm-up runs, which is
+        # why the backend's record_masks=False exists): then no mask is recorded and the report
+        # has no measured sparsity for the site
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        st.kv_num, st.kv_idx = (num, idx) if st.record and not capturing else (None, None)
         st.q_len, st.kv_len, st.is_causal = q.shape[2], k.shape[2], is_causal
         st.calls += 1
     return num, idx
