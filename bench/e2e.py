@@ -18,6 +18,7 @@ A missing or failing backend records its error and the rest still runs.
     python -m bench.e2e --out results                   # 90/95/97%, forward and training
     python -m bench.e2e --sparsities 95 --no-train --out results
     python -m bench.e2e --quick --out /tmp/b
+    python -m bench.e2e --e2e-grid 8,16,32 --no-train --mode reduce-overhead --out r   # CUDA graphs
 """
 from __future__ import annotations
 
@@ -353,7 +354,8 @@ def run(args, out: Path | None = None) -> dict:
     result = {"benchmark": "e2e", "env": C.environment(device), "command": C.command_line(),
               "args": dict(dim=dim, heads=heads, ffn=ffn, depth=depth, grid=list(grid), tokens=N,
                            text_len=text_len, dtype=str(dtype).replace("torch.", ""), B=1, train=train,
-                           sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner, mode=mode,
+                           sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner,
+                           mode=mode,
                            min_seq_len=min_seq_len, block_q=bq, block_k=bk, quick=quick),
               "rows": []}
     t_start = time.perf_counter()
@@ -388,7 +390,8 @@ def run(args, out: Path | None = None) -> dict:
             cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=bq, block_k=bk, mode="hybrid",
                                min_seq_len=min_seq_len)
             before = C.guarded(lambda: n_graphs(model), errors, "explain") or 0
-            compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts, mode) or True, errors, "sparge_compile")
+            compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts, mode) or True, errors,
+                                 "sparge_compile")
             res = {}
             if compiled:  # never time the previous (dense) compile under the sparge label
                 res, _ = measure_model(model, inputs, device, timing, train, errors, "m", ref=ref,
