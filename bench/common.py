@@ -301,11 +301,16 @@ def plt():
         return None
 
 
-def save_fig(fig, path: Path) -> Path:
+def save_fig(fig, path: Path, quick: bool = False) -> Path:
+    """PNG at 120 dpi with a tight layout; quick (the CPU smoke run): 60 dpi and a fixed layout,
+    which on a small CPU is several seconds per figure faster."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if quick:
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
+    else:
+        fig.tight_layout()
+    fig.savefig(path, dpi=60 if quick else 120)
     import matplotlib.pyplot as pyplot
 
     pyplot.close(fig)

@@ -134,15 +134,28 @@ def compile_blocks(model: WanStack, backend: str, options: dict | None, mode: st
 
 
 def measure_model(model, inputs, device, timing, train: bool, errors: dict, prefix: str, ref=None,
-                  new_step=None):
+                  new_step=None, one_compile: bool = False):
     """Compile time (first call), forward ms, output error vs ``ref``, fwd+bwd ms.
-    new_step: called before every step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin)."""
+    new_step: called before every step (CUDA graphs: torch.compiler.cudagraph_mark_step_begin).
+    one_compile (--quick): the forward runs with grad enabled on the training step's inputs, so
+    Dynamo compiles each block once (the no-grad forward is a second compile)."""
     res = {}
     params = [p for p in model.parameters()]
     new_step = new_step or (lambda: None)
+    # in a real DiT the first block's input comes from the (trainable) patch embedding, so in
+    # training it requires grad: every block then sees the same kind of input and Dynamo
+    # compiles the block once for training (not twice: first block, then the others)
+    x = inputs[0].detach().requires_grad_(True)
+    train_inputs = (x, *inputs[1:])
+    one_compile = one_compile and train
+    if one_compile:
+        for p in params:
+            p.requires_grad_(True)
 
     def fwd():
         new_step()
+        if one_compile:
+            return model(*train_inputs).detach()
         with torch.no_grad():
             return model(*inputs)
 
@@ -161,11 +174,6 @@ def measure_model(model, inputs, device, timing, train: bool, errors: dict, pref
     if train:
         for p in params:
             p.requires_grad_(True)
-        # in a real DiT the first block's input comes from the (trainable) patch embedding, so it
-        # requires grad: every block then sees the same kind of input and Dynamo compiles the
-        # block once for training (not twice: first block, then the others)
-        x = inputs[0].detach().requires_grad_(True)
-        train_inputs = (x, *inputs[1:])
 
         def step():
             new_step()
@@ -291,7 +299,7 @@ def plot(result: dict, path: Path):
             ax.legend(fontsize=8, loc="upper left")
         ax.set_title(f"step time, {title}")
         ax.set_ylabel("ms")
-    return C.save_fig(fig, path)
+    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
@@ -372,7 +380,8 @@ def run(args, out: Path | None = None) -> dict:
             print(f"[e2e] dense, backend={dense_backend!r}, N={N}, depth={depth}", flush=True)
             errors: dict = {}
             compile_blocks(model, dense_backend, None, mode)
-            res, ref = measure_model(model, inputs, device, timing, train, errors, "m", new_step=new_step)
+            res, ref = measure_model(model, inputs, device, timing, train, errors, "m", new_step=new_step,
+                                     one_compile=quick)
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
             dense = _row("dense", None, res, att, depth, errors)
             result["rows"].append(dense)
@@ -395,7 +404,7 @@ def run(args, out: Path | None = None) -> dict:
             res = {}
             if compiled:  # never time the previous (dense) compile under the sparge label
                 res, _ = measure_model(model, inputs, device, timing, train, errors, "m", ref=ref,
-                                       new_step=new_step)
+                                       new_step=new_step, one_compile=quick)
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors, config=cfg)
             row = _row("sparge", s, res, att, depth, errors)
             row["options"] = opts

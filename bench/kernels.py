@@ -299,7 +299,7 @@ def plot(result: dict, path: Path):
             ax.set_yscale("log")
             if ax.lines[:-1]:
                 ax.legend(fontsize=8, loc="upper left")
-    return C.save_fig(fig, path)
+    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
