@@ -131,8 +131,8 @@ def main():
             bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
                       dict(use_tma=t, sub_m=32, dkdv_warps=4, dkdv_stages=3),
                       dict(use_tma=t, sub_m=128, dkdv_warps=8)]
-    # dK/dV stages and slice rows; dQ on 64-row programs (two per query block)
-    bvars += [dict(dkdv_stages=3), dict(sub_m=32, dkdv_stages=3), dict(dq_rows=64, dq_warps=4, dq_stages=2)]
+    # dK/dV stages and slice rows
+    bvars += [dict(dkdv_stages=3), dict(sub_m=32, dkdv_stages=3)]
     for var in bvars:
         name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
         try:

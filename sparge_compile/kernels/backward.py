@@ -41,15 +41,13 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale
                    sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                   ROWS: tl.constexpr):
-    """ROWS query rows per program: BLOCK_M (the mask's query block) or a fraction of it."""
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
-    offs_m = i * ROWS + tl.arange(0, ROWS)
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Nq
@@ -62,8 +60,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh * Nq + offs_m, delta, mask=m_ok)
-    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    row = bh * nq + (i * ROWS) // BLOCK_M
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row = bh * nq + i
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
     if USE_TMA:  # K, V: (B, Hkv, Nk, D) tensor descriptors, rows past Nk read as zeros
@@ -157,10 +155,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
 
 
 # H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared memory), a program per
-# query block (dq_rows); dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has
+# query block; dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has
 # them (None = forward.USE_TMA_DEFAULT).
-BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None,
-                    dq_rows=None)
+BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None)
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
@@ -192,12 +189,9 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
-    dq_rows = min(block_q, cfg["dq_rows"] or block_q)
-    if block_q % dq_rows:
-        raise ValueError(f"dq_rows ({dq_rows}) must divide block_q ({block_q})")
-    _bwd_dq_kernel[(nq * (block_q // dq_rows), B * Hq)](
+    _bwd_dq_kernel[(nq, B * Hq)](
         q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
-        *strides, *dims, **common, USE_TMA=use_tma, ROWS=dq_rows, num_warps=cfg["dq_warps"] or 8,
+        *strides, *dims, **common, USE_TMA=use_tma, num_warps=cfg["dq_warps"] or 8,
         num_stages=cfg["dq_stages"] or (3 if D <= 128 else 2))
     _bwd_dkdv_kernel[(nk, B * Hkv)](qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale,
                                     float(scale), *strides, *dims, **common, USE_TMA=use_tma,

@@ -68,12 +68,9 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
     num, idx = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
                                          block_q, block_k)
     if st is not None:
-        # under CUDA graphs (mode="reduce-overhead") the mask lives in the graph's memory pool,
-        # which may not hold untracked references (also during the eager warm-up runs, which is
-        # why the backend's record_masks=False exists): then no mask is recorded and the report
-        # has no measured sparsity for the site
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        st.kv_num, st.kv_idx = (num, idx) if st.record and not capturing else (None, None)
+        # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
+        # eager warm-up runs included, may hold no untracked references
+        st.kv_num, st.kv_idx = (num, idx) if st.record else (None, None)
         st.q_len, st.kv_len, st.is_causal = q.shape[2], k.shape[2], is_causal
         st.calls += 1
     return num, idx
