@@ -431,6 +431,9 @@ def run(args, out: Path | None = None) -> dict:
             if out is not None:  # after every shape: a run cut short keeps what it measured
                 write(result, out, plots=False)
     result["seconds"] = time.perf_counter() - t_start
+    from sparge_compile.kernels import tuning
+
+    result["env"]["autotuned"] = tuning.best_configs()  # launch settings picked per key (CUDA)
     if out is not None:
         result["files"] = write(result, out)
     return result

@@ -68,3 +68,35 @@ def reference_out_and_grads(q, k, v, dense_mask, cfg, is_causal, dout=None):
         return ref, None
     grads = torch.autograd.grad(ref, (qd, kd, vd), dout.double().cpu())
     return ref, grads
+
+
+def gradient_magnitudes(q, k, v, dense_mask, cfg, is_causal, dout):
+    """Norms of the cancellation-free magnitudes of dQ, dK, dV (float64): the sums of the absolute
+    terms, with dS = P ∘ (dP − δ) bounded by P ∘ (|dP| + |δ|). Where the true gradient cancels
+    (every row sees one key: dS = 0 exactly), a kernel's result is rounding noise of size
+    ~eps·(these), however accurate the kernel is."""
+    qd, kd, vd, dod = (x.detach().double().cpu() for x in (q, k, v, dout))
+    G = qd.shape[1] // kd.shape[1]
+    kr, vr = kd.repeat_interleave(G, 1), vd.repeat_interleave(G, 1)
+    scale = qd.shape[-1] ** -0.5
+    m = R.dense_token_mask(dense_mask.cpu(), qd.shape[2], kd.shape[2], cfg.block_q, cfg.block_k, is_causal)
+    p = torch.softmax((qd @ kr.transpose(-2, -1) * scale).masked_fill(~m, float("-inf")), -1).nan_to_num(0.0)
+    dp = dod @ vr.transpose(-2, -1)
+    t = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+
+    def per_kv_head(x):  # the GQA group's query heads add up into their kv head
+        return x.unflatten(1, (x.shape[1] // G, G)).sum(2)
+
+    return ((scale * t @ kr.abs()).norm(), per_kv_head(scale * t.transpose(-2, -1) @ qd.abs()).norm(),
+            per_kv_head(p.transpose(-2, -1) @ dod.abs()).norm())
+
+
+def grad_errors(grads, ref_grads, magnitudes, floor: float = 1e-3) -> dict:
+    """{"dq"|"dk"|"dv": relative error}, the reference's norm floored at 1% of the gradient's
+    magnitude (see :func:`gradient_magnitudes`) and at floor·sqrt(numel)."""
+    out = {}
+    for name, g, r, mag in zip(("dq", "dk", "dv"), grads, ref_grads, magnitudes):
+        g, r = g.detach().double().cpu(), r.detach().double().cpu()
+        denom = max(float(r.norm()), floor * r.numel() ** 0.5, 0.01 * float(mag), 1e-30)
+        out[name] = float((g - r).norm()) / denom
+    return out

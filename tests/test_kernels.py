@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sparge_compile as sc
 from sparge_compile import reference as R
 from sparge_compile.kernels import mask as mask_kernel
 
-from kernel_checks import TOL, make_qkv, mask_mismatch_is_tie, reference_out_and_grads, rel_err
+from kernel_checks import (TOL, grad_errors, gradient_magnitudes, make_qkv, mask_mismatch_is_tie,
+                           reference_out_and_grads, rel_err)
 
 blocks = st.sampled_from([16, 32])
 
@@ -82,17 +83,26 @@ def test_forward_matches_float64_reference(pb):
     assert rel_err(out, ref) < TOL[pb["dtype"]]
 
 
+# one key (Nk = 1): every dS cancels to exactly zero, dK is pure rounding noise (found by hypothesis
+# on the TMA path; the error is measured against the gradient's magnitude, see grad_errors)
+ONE_KEY = dict(seed=2**31 - 1, B=2, Hkv=2, Hq=4, Nq=59, Nk=1, D=32, dtype=torch.float32, causal=True,
+               cfg=sc.SpargeConfig(topk=0.8, topp=0.8, block_q=16, block_k=16, min_seq_len=0))
+
+
 @settings(max_examples=8)
 @given(problems(max_n=80))
+@example(ONE_KEY)
 def test_backward_matches_float64_reference(pb):
     q, k, v = _inputs(pb, requires_grad=True)
     out, m = sc.sparse_attention(q, k, v, is_causal=pb["causal"], config=pb["cfg"], return_mask=True)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     _, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
-    for name, g, r in zip("qkv", grads, ref_grads):
+    for g, r in zip(grads, ref_grads):
         assert g.shape == r.shape and g.dtype == pb["dtype"]
-        assert rel_err(g, r, floor=1e-2) < 2 * TOL[pb["dtype"]], f"d{name}"
+    mags = gradient_magnitudes(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
+    errs = grad_errors(grads, ref_grads, mags, floor=1e-2)
+    assert max(errs.values()) < 2 * TOL[pb["dtype"]], errs
 
 
 @settings(max_examples=5)
@@ -186,8 +196,9 @@ def test_tma_path_matches_reference(monkeypatch_tma, pb):
     assert monkeypatch_tma["calls"] >= calls + 6  # forward: k, v; backward: q, k, v, dout
     ref, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
     assert rel_err(out, ref) < TOL[pb["dtype"]]
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert rel_err(g, r, floor=1e-2) < 2 * TOL[pb["dtype"]], f"d{name}"
+    mags = gradient_magnitudes(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
+    errs = grad_errors(grads, ref_grads, mags, floor=1e-2)
+    assert max(errs.values()) < 2 * TOL[pb["dtype"]], errs
 
 
 @pytest.fixture(scope="module")

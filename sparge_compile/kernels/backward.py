@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ..reference import cdiv
 from . import forward as fwd_mod
+from . import tuning
 from .forward import LOG2E, dot_precision
 from .torch_impl import transpose_indices
 from .transpose import transpose_indices_triton
@@ -154,19 +155,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-# H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared memory), a program per
-# query block; dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has
-# them (None = forward.USE_TMA_DEFAULT).
-BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=4, dkdv_stages=2, use_tma=None)
+_dq_autotuned = tuning.autotuned(_bwd_dq_kernel, tuning.DQ_CONFIGS)
+_dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_M"])
+
+# Fixed launch settings where nothing is autotuned (None = the H100 default below) and the
+# dK/dV query slice; H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared
+# memory), a program per query block; dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads
+# where the GPU has them (None = forward.USE_TMA_DEFAULT).
+BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dkdv_stages=None, use_tma=None)
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         **tuning):
-    """tuning: overrides of BWD_DEFAULTS (benchmarks only)."""
-    bad = set(tuning) - set(BWD_DEFAULTS)
+                         **overrides):
+    """overrides: of BWD_DEFAULTS (benchmarks only)."""
+    bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
         raise TypeError(f"unknown tuning options {sorted(bad)}")
-    cfg = dict(BWD_DEFAULTS, **tuning)
+    cfg = dict(BWD_DEFAULTS, **overrides)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -189,12 +194,11 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
-    _bwd_dq_kernel[(nq, B * Hq)](
-        q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
-        *strides, *dims, **common, USE_TMA=use_tma, num_warps=cfg["dq_warps"] or 8,
-        num_stages=cfg["dq_stages"] or (3 if D <= 128 else 2))
-    _bwd_dkdv_kernel[(nk, B * Hkv)](qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale,
-                                    float(scale), *strides, *dims, **common, USE_TMA=use_tma,
-                                    SUB_M=sub_m, num_warps=cfg["dkdv_warps"],
-                                    num_stages=cfg["dkdv_stages"])
+    tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q,
+                  (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
+                   *strides, *dims), dict(common, USE_TMA=use_tma), cfg["dq_warps"], cfg["dq_stages"],
+                  fixed=(8, 3 if D <= 128 else 2))
+    tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk, B * Hkv), q,
+                  (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale, float(scale), *strides, *dims),
+                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"])
     return dq, dk, dv

@@ -1,7 +1,6 @@
 """Triton sparse attention forward: FlashAttention-style online softmax over kept key blocks.
 
-One program per (BLOCK_M query rows, batch x query head); BLOCK_M is the mask's block_q or a
-fraction of it. It walks the row's index list (kv_indices[:kv_num_blocks]); dropped key
+One program per (query block of the mask, batch x query head). It walks the row's index list (kv_indices[:kv_num_blocks]); dropped key
 blocks are never loaded. Scores are scaled by scale·log2(e) and exponentiated with exp2; the accumulators are fp32;
 the row's log-sum-exp (natural log) is saved for the backward pass. Causal masking (SDPA's,
 top-left) is applied element-wise inside the tiles.
@@ -15,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..reference import cdiv
+from . import tuning
 
 LOG2E = 1.4426950408889634
 # K/V through TMA tensor descriptors where the GPU has them (Hopper+); SPARGE_TMA=0 turns it off
@@ -63,7 +63,7 @@ def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_s
 def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
-                BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     i = tl.program_id(0)
@@ -79,7 +79,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row = bh * nq + (i * BLOCK_M) // MASK_M
+    row = bh * nq + i
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
     EVEN: tl.constexpr = EVEN_N and EVEN_D
@@ -114,8 +114,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def fwd_defaults(D: int, tma: bool = False) -> dict:
-    """H100 tuning (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim and by
-    how K/V are loaded (TMA needs fewer stages in flight at D=128)."""
+    """Fixed launch settings (no autotune: the interpreter, SPARGE_AUTOTUNE=0). H100 tuning
+    (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim and by how K/V are
+    loaded (TMA needs fewer stages in flight at D=128)."""
     if D <= 64:
         return dict(num_warps=8, num_stages=3)
     return dict(num_warps=4, num_stages=2 if tma else 3)
@@ -142,31 +143,32 @@ def descriptor(x: torch.Tensor, block_n: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
 
 
+_fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D"])
+
+
 def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         num_warps=None, num_stages=None, rows=None, use_tma=None):
-    """rows: query rows per program (default block_q; a power-of-2 fraction of it also works).
-    use_tma: K/V through TMA tensor descriptors (default: where :func:`tma_ok` allows)."""
+                         num_warps=None, num_stages=None, use_tma=None):
+    """num_warps, num_stages: fixed launch settings (default: autotuned on CUDA, see
+    :mod:`.tuning`). use_tma: K/V through TMA tensor descriptors (default: where
+    :func:`tma_ok` allows)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
-    rows = min(block_q, rows or block_q)
-    if block_q % rows:
-        raise ValueError(f"rows per program ({rows}) must divide block_q ({block_q})")
     if use_tma is None:
         use_tma = USE_TMA_DEFAULT
     use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
     kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if use_tma else (k, v)
-    tuned = fwd_defaults(D, use_tma)
-    _fwd_kernel[(nq * (block_q // rows), B * Hq)](
-        q, kk, vv, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk, nq, nk, D,
-        BLOCK_M=rows, MASK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-        PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D, USE_TMA=use_tma,
-        num_warps=num_warps or tuned["num_warps"], num_stages=num_stages or tuned["num_stages"])
+    args = (q, kk, vv, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
+    meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
+                PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
+                USE_TMA=use_tma)
+    fixed = fwd_defaults(D, use_tma)
+    tuning.launch(_fwd_kernel, _fwd_autotuned, (nq, B * Hq), q, args, meta, num_warps, num_stages,
+                  fixed=(fixed["num_warps"], fixed["num_stages"]))
     return out, lse
 
 

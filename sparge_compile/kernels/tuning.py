@@ -1,0 +1,62 @@
+"""Launch settings of the attention kernels: autotuned on CUDA, fixed defaults elsewhere.
+
+On a CUDA device each kernel is autotuned (``triton.autotune``) over a small set of
+(num_warps, num_stages) pairs, once per process and per key: the launch's compile-time
+settings (head dim, mask block shape, causal, TMA, whole tiles), the dtype and the device.
+The sequence length is not in the key, so a new length never re-tunes. The first call per key
+compiles and times every config (forward + backward at 32768 tokens, D = 128: ~10 s on the
+H100); later calls launch the picked config directly. ``SPARGE_AUTOTUNE=0`` (or
+``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100 tuning, bench/NOTES.md; they
+are in each set), as do the interpreter and explicit settings passed by the benchmarks.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+AUTOTUNE = os.environ.get("SPARGE_AUTOTUNE", "1") == "1"
+
+# (num_warps, num_stages)
+FWD_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3))
+DQ_CONFIGS = ((8, 3), (8, 2), (4, 2), (4, 3))
+DKDV_CONFIGS = ((4, 2), (4, 3), (8, 2))
+KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_CAUSAL", "USE_TMA"]
+
+
+_PICKED: dict = {}  # (kernel name, launch meta, dtype, device) -> triton.Config
+
+
+def autotuned(kernel, pairs, extra_key=()):
+    """``kernel`` wrapped in ``triton.autotune`` over ``pairs``, keyed as the module says."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
+    return triton.autotune(configs=configs, key=KEY + list(extra_key))(kernel)
+
+
+def launch(kernel, tuner, grid, x, args, meta, warps=None, stages=None, fixed=(4, 2)):
+    """Launch ``kernel`` on ``grid``. On CUDA (unless AUTOTUNE is off or warps/stages are given)
+    the first launch per key goes through ``tuner`` (timing every config); later ones launch
+    the picked config directly, without the autotuner's per-call Python work (it showed in
+    host-bound calls). Otherwise: the given warps/stages, or ``fixed``."""
+    if AUTOTUNE and x.is_cuda and warps is None and stages is None:
+        key = (kernel.__name__, tuple(meta.items()), x.dtype, x.device)
+        cfg = _PICKED.get(key)
+        if cfg is None:
+            tuner[grid](*args, **meta)
+            _PICKED[key] = tuner.best_config
+        else:
+            kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    kernel[grid](*args, **meta, num_warps=warps or fixed[0], num_stages=stages or fixed[1])
+
+
+def best_configs() -> dict:
+    """{kernel: {launch key: "w<warps> s<stages>"}} picked so far in this process."""
+    out: dict = {}
+    for (name, meta, dtype, device), cfg in _PICKED.items():
+        key = ", ".join(f"{k}={v}" for k, v in meta if k != "PREC") + f", {str(dtype).replace('torch.', '')}"
+        out.setdefault(name, {})[key] = f"w{cfg.num_warps} s{cfg.num_stages}"
+    return out
+
+
+__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs"]

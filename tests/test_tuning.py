@@ -1,0 +1,75 @@
+"""The launch-settings logic of sparge_compile.kernels.tuning, with stand-in kernels (no GPU)."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import triton
+
+from sparge_compile.kernels import tuning
+
+
+class FakeKernel:
+    __name__ = "_fake_kernel"
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, args, kw))
+
+
+class FakeTuner(FakeKernel):
+    """Stands in for triton.autotune: 'times' the configs and keeps the second one."""
+
+    def __init__(self):
+        super().__init__()
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.best_config = triton.Config({}, num_warps=8, num_stages=3)
+            self.launches.append((grid, args, kw))
+        return run
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    return FakeKernel(), FakeTuner()
+
+
+def tensor(is_cuda=True, dtype="bf16", device="cuda:0"):
+    return types.SimpleNamespace(is_cuda=is_cuda, dtype=dtype, device=device)
+
+
+def test_first_launch_tunes_later_launches_reuse_the_pick(fresh):
+    kernel, tuner = fresh
+    meta = dict(BLOCK_M=128, BLOCK_D=64)
+    tuning.launch(kernel, tuner, (4, 1), tensor(), (1, 2), meta)
+    assert len(tuner.launches) == 1 and kernel.launches == []
+    for grid in ((8, 1), (16, 2)):  # another sequence length: same key, no re-tuning
+        tuning.launch(kernel, tuner, grid, tensor(), (1, 2), meta)
+    assert len(tuner.launches) == 1
+    assert [k for _, _, k in kernel.launches] == [dict(meta, num_warps=8, num_stages=3)] * 2
+    assert tuning.best_configs() == {"_fake_kernel": {"BLOCK_M=128, BLOCK_D=64, bf16": "w8 s3"}}
+
+
+def test_new_key_tunes_again(fresh):
+    kernel, tuner = fresh
+    tuning.launch(kernel, tuner, (1,), tensor(), (), dict(BLOCK_D=64))
+    tuning.launch(kernel, tuner, (1,), tensor(), (), dict(BLOCK_D=128))
+    tuning.launch(kernel, tuner, (1,), tensor(dtype="fp16"), (), dict(BLOCK_D=128))
+    assert len(tuner.launches) == 3 and kernel.launches == []
+
+
+@pytest.mark.parametrize("case", ["explicit", "cpu", "off"])
+def test_fixed_settings_without_autotune(fresh, monkeypatch, case):
+    kernel, tuner = fresh
+    warps, stages, x = (8, None, tensor()) if case == "explicit" else (None, None, tensor(is_cuda=case != "cpu"))
+    if case == "off":
+        monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    tuning.launch(kernel, tuner, (1,), x, (), dict(BLOCK_D=64), warps, stages, fixed=(4, 2))
+    assert tuner.launches == []
+    assert kernel.launches[0][2] == dict(BLOCK_D=64, num_warps=warps or 4, num_stages=2)
