@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import kernels, ops
 from .block_mask import SpargeBlockMask
 from .config import DEFAULT_CONFIG, SpargeConfig
 from .validate import check_qkv
@@ -17,6 +17,42 @@ def _config(config: SpargeConfig | None) -> SpargeConfig:
     return config
 
 
+class _EagerSparseAttention(torch.autograd.Function):
+    """The same kernels as the ops in :mod:`.ops`, without their torch.library dispatch: eager
+    calls take this path (the dispatch cost ~100 us of host time per op on the H100 machine,
+    bench/NOTES.md); anything torch.compile traces goes through the ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num, idx, scale, is_causal, block_q, block_k):
+        out, lse = kernels.attention_fwd(q, k, v, num, idx, scale, is_causal, block_q, block_k)
+        ctx.save_for_backward(q, k, v, out, lse, num, idx)
+        ctx.args = (scale, is_causal, block_q, block_k)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, num, idx = ctx.saved_tensors
+        dq, dk, dv = kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, num, idx, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _predict(q, k, scale, is_causal, cfg):
+    args = (q.detach(), k.detach(), scale, bool(is_causal), cfg.topk, cfg.topp, cfg.mode, cfg.block_q,
+            cfg.block_k)
+    if torch.compiler.is_compiling():
+        return ops.predict_block_mask_op(*args)
+    return kernels.predict_mask(*args)
+
+
+def _attend(q, k, v, num, idx, scale, is_causal, block_q, block_k):
+    args = (q, k, v, num, idx, scale, bool(is_causal), block_q, block_k)
+    if torch.compiler.is_compiling():
+        return ops.block_sparse_attention_op(*args)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerSparseAttention.apply(*args)
+    return kernels.attention_fwd(*args)[0]
+
+
 def predict_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
                        is_causal: bool = False, config: SpargeConfig | None = None) -> SpargeBlockMask:
     """Predict the hybrid Top-k + Top-p block mask from mean-pooled Q/K blocks.
@@ -27,8 +63,7 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     """
     cfg = _config(config)
     scale = check_qkv(q, k, None, scale)
-    num, idx = ops.predict_block_mask_op(q.detach(), k.detach(), scale, bool(is_causal), cfg.topk,
-                                         cfg.topp, cfg.mode, cfg.block_q, cfg.block_k)
+    num, idx = _predict(q, k, scale, is_causal, cfg)
     return SpargeBlockMask(num, idx, q.shape[2], k.shape[2], cfg.block_q, cfg.block_k, bool(is_causal))
 
 
@@ -45,12 +80,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     cfg = _config(config)
     scale = check_qkv(q, k, v, scale)
     if block_mask is None:
-        num, idx = ops.predict_block_mask_op(q.detach(), k.detach(), scale, bool(is_causal), cfg.topk,
-                                             cfg.topp, cfg.mode, cfg.block_q, cfg.block_k)
+        num, idx = _predict(q, k, scale, is_causal, cfg)
         bq, bk = cfg.block_q, cfg.block_k
     else:
         num, idx, bq, bk = block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_q, block_mask.block_k
-    out, _ = ops.block_sparse_attention_op(q, k, v, num, idx, scale, bool(is_causal), bq, bk)
+    out = _attend(q, k, v, num, idx, scale, is_causal, bq, bk)
     if return_mask:
         return out, SpargeBlockMask(num, idx, q.shape[2], k.shape[2], bq, bk, bool(is_causal))
     return out

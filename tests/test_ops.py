@@ -63,6 +63,25 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
+def test_eager_calls_match_the_ops_exactly():
+    """Eager sparse_attention/predict_block_mask skip the torch.library dispatch (host cost) but
+    run the same kernels: the same mask, output and gradients as the ops, bit for bit."""
+    q, k, v = _noncontig(seed=3, requires_grad=True)
+    m = sc.predict_block_mask(q, k, config=CFG)
+    num, idx = ops.predict_block_mask_op(q.detach(), k.detach(), 32 ** -0.5, False, CFG.topk, CFG.topp,
+                                         CFG.mode, 16, 16)
+    assert torch.equal(m.kv_num_blocks, num) and torch.equal(m.kv_indices, idx)
+    out = sc.sparse_attention(q, k, v, config=CFG)
+    ref, _ = ops.block_sparse_attention_op(q, k, v, num, idx, 32 ** -0.5, False, 16, 16)
+    assert torch.equal(out, ref) and out.grad_fn is not None
+    dout = torch.randn_like(out)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), dout),
+                                                 torch.autograd.grad(ref, (q, k, v), dout)))
+    with torch.no_grad():
+        plain = sc.sparse_attention(q, k, v, config=CFG)
+    assert torch.equal(plain, ref) and plain.grad_fn is None
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda q, k, v: (q[0], k, v), "rank 4"),
     (lambda q, k, v: (q, k.half(), v), "dtype"),

@@ -7,6 +7,7 @@ top-left) is applied element-wise inside the tiles.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -122,14 +123,23 @@ def fwd_defaults(D: int, tma: bool = False) -> dict:
     return dict(num_warps=4, num_stages=2 if tma else 3)
 
 
-def tma_ok(x: torch.Tensor, D: int) -> bool:
-    """Hopper+ TMA loads of (1, 1, BLOCK_N, D) boxes: CUDA, 16-byte aligned base and strides,
-    unit last stride, a power-of-2 head dim of at least 16 bytes, and a Triton that has them."""
-    if not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+@functools.lru_cache(maxsize=None)
+def _tma_device(index: int) -> bool:
+    """The GPU has TMA (Hopper+) and this Triton has tensor descriptors (cached: the capability
+    query cost ~10 us of host time per call, six calls per forward+backward)."""
+    if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def tma_ok(x: torch.Tensor, D: int) -> bool:
+    """Hopper+ TMA loads of (1, 1, BLOCK_N, D) boxes: CUDA, 16-byte aligned base and strides,
+    unit last stride, a power-of-2 head dim of at least 16 bytes, and a Triton that has them."""
+    if not (x.is_cuda and _tma_device(x.device.index)):
         return False
     es = x.element_size()
     return (x.stride(-1) == 1 and D == triton.next_power_of_2(D) and D * es >= 16
