@@ -102,16 +102,23 @@ def test_gpu_topk_topp_change_does_not_recompile():
     assert before == after >= 1
 
 
-def test_gpu_autotuned_launches_match_fixed():
-    """On CUDA the kernels are autotuned per key (head dim, block shape, causal, TMA, dtypes):
-    the autotuned launches give the fixed launches' results, each kernel records its pick, and a
-    new sequence length reuses it."""
+def test_gpu_autotuned_launches_match_fixed(monkeypatch):
+    """On CUDA the kernels are autotuned per key (head dim, block shape, causal, TMA, dtypes) on
+    the first large enough grid: a small first call tunes nothing; the autotuned launches give
+    the fixed launches' results, each kernel records its pick, and a new sequence length (large
+    or small) reuses it."""
+    monkeypatch.setattr(tuning, "_PICKED", {})
     cfg = sc.SpargeConfig(topk=0.2, topp=0.3, min_seq_len=0)
+    big = 40000  # >= 16 programs per SM on an H100 in every kernel (B=1, 8 heads)
     results = []
     try:
         for autotune in (False, True):
             tuning.AUTOTUNE = autotune
-            q, k, v = make_qkv(7, 1, 4, 2, 1000, 1000, 128, torch.bfloat16, device="cuda", requires_grad=True)
+            if autotune:  # small first call: launch-bound, must not decide the settings
+                q, k, v = make_qkv(6, 1, 8, 8, 1000, 1000, 128, torch.bfloat16, device="cuda", requires_grad=True)
+                sc.sparse_attention(q, k, v, config=cfg).sum().backward()
+                assert tuning.best_configs() == {}
+            q, k, v = make_qkv(7, 1, 8, 8, big, big, 128, torch.bfloat16, device="cuda", requires_grad=True)
             out = sc.sparse_attention(q, k, v, config=cfg)
             dout = torch.randn(out.shape, device="cuda", dtype=out.dtype,
                                generator=torch.Generator("cuda").manual_seed(1))
@@ -121,8 +128,9 @@ def test_gpu_autotuned_launches_match_fixed():
                                                               "_bwd_dkdv_kernel")), picked
         for a, b in zip(*results):
             assert rel_err(a, b) < 1e-2
-        q, k, v = make_qkv(8, 1, 4, 2, 1500, 1500, 128, torch.bfloat16, device="cuda")
-        sc.sparse_attention(q, k, v, config=cfg)
-        assert tuning.best_configs() == picked  # the length is not in the key
+        for n in (big + 3000, 1500):
+            q, k, v = make_qkv(8, 1, 8, 8, n, n, 128, torch.bfloat16, device="cuda")
+            sc.sparse_attention(q, k, v, config=cfg)
+            assert tuning.best_configs() == picked  # the length is not in the key
     finally:
         tuning.AUTOTUNE = False

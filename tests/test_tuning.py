@@ -33,10 +33,15 @@ class FakeTuner(FakeKernel):
         return run
 
 
+SMS = 3  # stand-in GPU's SM count: grids of >= 48 programs are tuned
+BIG = (tuning.MIN_TUNE_PER_SM * SMS, 1)
+
+
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.setattr(tuning, "AUTOTUNE", True)
     monkeypatch.setattr(tuning, "_PICKED", {})
+    monkeypatch.setattr(tuning, "_sm_count", lambda device: SMS)
     return FakeKernel(), FakeTuner()
 
 
@@ -47,9 +52,9 @@ def tensor(is_cuda=True, dtype="bf16", device="cuda:0"):
 def test_first_launch_tunes_later_launches_reuse_the_pick(fresh):
     kernel, tuner = fresh
     meta = dict(BLOCK_M=128, BLOCK_D=64)
-    tuning.launch(kernel, tuner, (4, 1), tensor(), (1, 2), meta)
+    tuning.launch(kernel, tuner, BIG, tensor(), (1, 2), meta)
     assert len(tuner.launches) == 1 and kernel.launches == []
-    for grid in ((8, 1), (16, 2)):  # another sequence length: same key, no re-tuning
+    for grid in ((80, 1), (16, 2)):  # other sequence lengths: same key, no re-tuning
         tuning.launch(kernel, tuner, grid, tensor(), (1, 2), meta)
     assert len(tuner.launches) == 1
     assert [k for _, _, k in kernel.launches] == [dict(meta, num_warps=8, num_stages=3)] * 2
@@ -58,10 +63,24 @@ def test_first_launch_tunes_later_launches_reuse_the_pick(fresh):
 
 def test_new_key_tunes_again(fresh):
     kernel, tuner = fresh
-    tuning.launch(kernel, tuner, (1,), tensor(), (), dict(BLOCK_D=64))
-    tuning.launch(kernel, tuner, (1,), tensor(), (), dict(BLOCK_D=128))
-    tuning.launch(kernel, tuner, (1,), tensor(dtype="fp16"), (), dict(BLOCK_D=128))
+    tuning.launch(kernel, tuner, BIG, tensor(), (), dict(BLOCK_D=64))
+    tuning.launch(kernel, tuner, BIG, tensor(), (), dict(BLOCK_D=128))
+    tuning.launch(kernel, tuner, BIG, tensor(dtype="fp16"), (), dict(BLOCK_D=128))
     assert len(tuner.launches) == 3 and kernel.launches == []
+
+
+def test_small_grids_use_the_fixed_settings_and_leave_the_key_untuned(fresh):
+    """A launch-bound first call (here 47 programs on 3 SMs) must not decide the large
+    shapes' settings: it runs the fixed defaults, and the first large grid tunes."""
+    kernel, tuner = fresh
+    meta = dict(BLOCK_D=64)
+    tuning.launch(kernel, tuner, (BIG[0] - 1, 1), tensor(), (), meta, fixed=(4, 2))
+    assert tuner.launches == [] and tuning.best_configs() == {}
+    assert kernel.launches[0][2] == dict(meta, num_warps=4, num_stages=2)
+    tuning.launch(kernel, tuner, (2, BIG[0] // 2), tensor(), (), meta, fixed=(4, 2))
+    assert len(tuner.launches) == 1 and tuning.best_configs() == {"_fake_kernel": {"BLOCK_D=64, bf16": "w8 s3"}}
+    tuning.launch(kernel, tuner, (1, 1), tensor(), (), meta, fixed=(4, 2))  # small, after the pick
+    assert kernel.launches[-1][2] == dict(meta, num_warps=8, num_stages=3)
 
 
 @pytest.mark.parametrize("case", ["explicit", "cpu", "off"])

@@ -4,15 +4,23 @@ On a CUDA device each kernel is autotuned (``triton.autotune``) over a small set
 (num_warps, num_stages) pairs, once per process and per key: the launch's compile-time
 settings (head dim, mask block shape, causal, TMA, whole tiles), the dtype and the device.
 The sequence length is not in the key, so a new length never re-tunes. The first call per key
-compiles and times every config (forward + backward at 32768 tokens, D = 128: ~10 s on the
-H100); later calls launch the picked config directly. ``SPARGE_AUTOTUNE=0`` (or
-``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100 tuning, bench/NOTES.md; they
-are in each set), as do the interpreter and explicit settings passed by the benchmarks.
+with a grid of at least ``MIN_TUNE_PER_SM`` programs per SM (the 1.3B video shape, 32768 tokens
+x 12 heads, has 23 in the forward; 8192 tokens has 6) compiles and times every config
+(forward + backward at 32768 tokens, D = 128: ~10 s on the H100); later calls launch the picked
+config directly. Smaller launches use the fixed defaults and record no pick: they are
+short or launch-bound (their timings do not rank the configs), and a pick timed on one would
+be kept for the large shapes (a 4-head, 4096-token first call picked 8 warps, 3 stages for the
+forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, 2026-11-24 H100).
+``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100
+tuning, bench/NOTES.md; they are in each set), as do the interpreter and explicit settings
+passed by the benchmarks.
 """
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 
 AUTOTUNE = os.environ.get("SPARGE_AUTOTUNE", "1") == "1"
@@ -22,6 +30,19 @@ FWD_CONFIGS = ((4, 2), (4, 3), (8, 2), (8, 3))
 DQ_CONFIGS = ((8, 3), (8, 2), (4, 2), (4, 3))
 DKDV_CONFIGS = ((4, 2), (4, 3), (8, 2))
 KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_CAUSAL", "USE_TMA"]
+MIN_TUNE_PER_SM = 16  # tune only on grids of at least this many programs per SM
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(grid) -> int:
+    n = 1
+    for g in grid:
+        n *= g
+    return n
 
 
 _PICKED: dict = {}  # (kernel name, launch meta, dtype, device) -> triton.Config
@@ -35,18 +56,20 @@ def autotuned(kernel, pairs, extra_key=()):
 
 def launch(kernel, tuner, grid, x, args, meta, warps=None, stages=None, fixed=(4, 2)):
     """Launch ``kernel`` on ``grid``. On CUDA (unless AUTOTUNE is off or warps/stages are given)
-    the first launch per key goes through ``tuner`` (timing every config); later ones launch
-    the picked config directly, without the autotuner's per-call Python work (it showed in
-    host-bound calls). Otherwise: the given warps/stages, or ``fixed``."""
+    the first launch per key on a large enough grid goes through ``tuner`` (timing every
+    config); later ones launch the picked config directly, without the autotuner's per-call
+    Python work (it showed in host-bound calls). Otherwise: the given warps/stages, or
+    ``fixed``."""
     if AUTOTUNE and x.is_cuda and warps is None and stages is None:
         key = (kernel.__name__, tuple(meta.items()), x.dtype, x.device)
         cfg = _PICKED.get(key)
-        if cfg is None:
+        if cfg is not None:
+            kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return
+        if _programs(grid) >= MIN_TUNE_PER_SM * _sm_count(x.device):
             tuner[grid](*args, **meta)
             _PICKED[key] = tuner.best_config
-        else:
-            kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return
+            return
     kernel[grid](*args, **meta, num_warps=warps or fixed[0], num_stages=stages or fixed[1])
 
 
