@@ -7,7 +7,9 @@ on the data), and the very same mask is handed to FlexAttention through
 
 * SDPA cuDNN and FlashAttention, dense (``sdpa_kernel`` with one backend), plus SDPA's default
 * FlexAttention (compiled) on the same 128x64 mask; and at 128x128 blocks at the same sparsity
-  (its backward does not compile for 128x64 blocks on torch 2.11, see DESIGN.md section 3)
+  (the issue's fwd+bwd baseline). Flex runs with its own tiles where they compile; where they do
+  not divide the mask's blocks (its backward at 128x64 on torch 2.11, its forward at D = 64) with
+  ``kernel_options`` tiles that do (:func:`flex_tiles`), reported in the table
 * sparge mask prediction alone, sparge kernel alone (given the mask), sparge total
 
 plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
@@ -101,6 +103,41 @@ def _flex_fn(compile_flex: bool):
     return flex_attention
 
 
+def flex_tiles(bm, backward: bool) -> dict:
+    """FlexAttention kernel_options whose tiles divide the mask's blocks: Flex's own choice does
+    not for 64-key blocks at D = 64 (its forward BLOCK_N is 128 there) nor in its backward
+    (BLOCK_N1 = 128 on the H100; torch 2.11 then finds 'no choices'). The forward uses
+    BLOCK_M x BLOCK_N; the backward's dK/dV pass BLOCK_M1 x BLOCK_N1, its dQ pass BLOCK_M2 x BLOCK_N2."""
+    bq, bk = bm.BLOCK_SIZE
+    opts = {"BLOCK_M": min(128, bq), "BLOCK_N": min(64, bk)}
+    if backward:
+        opts.update(BLOCK_M1=min(64, bq), BLOCK_N1=min(64, bk), BLOCK_M2=min(64, bq), BLOCK_N2=min(64, bk))
+    return opts
+
+
+def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
+    """(median ms, kernel_options used) of flex on block mask bm, forward (dout None) or
+    forward+backward: Flex's own tiles first, then :func:`flex_tiles` if those fail to
+    compile. Both failing: (None, None), the errors under key (explicit tiles) and
+    key + "_own_tiles"."""
+    q, k, v = qkv
+    own: dict = {}
+    for opts in (None, flex_tiles(bm, dout is not None)):
+        def call(opts=opts):
+            return flex(q, k, v, block_mask=bm, kernel_options=opts)
+        fn = call if dout is None else _fwd_bwd(call, dout)
+        ms = C.guarded(lambda: C.time_fn(fn, device, grad_to_none=None if dout is None else [q, k, v], **timing),
+                       own if opts is None else errors, key, verbose=opts is not None)
+        if ms is not None:
+            return ms, opts
+    errors[key + "_own_tiles"] = own[key]
+    return None, None
+
+
+def _tiles(opts) -> str | None:
+    return None if opts is None else " ".join(f"{k}={v}" for k, v in opts.items())
+
+
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
 
@@ -166,13 +203,13 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
 
     # FlexAttention on the very same mask (128x64 blocks by default)
     bm = C.guarded(mask.to_flex, errors, "flex_block_mask")
+    flex_opts = None
     if bm is not None and flex is not None:
-        row["flex_fwd_ms"] = C.guarded(
-            lambda: C.time_fn(lambda: flex(q, k, v, block_mask=bm), device, **t), errors, "flex_fwd")
+        row["flex_fwd_ms"], flex_opts = time_flex(flex, bm, (q, k, v), None, device, t, errors, "flex_fwd")
+        row["flex_tiles_fwd"] = _tiles(flex_opts)
         if bwd:
-            row["flex_fwdbwd_ms"] = C.guarded(
-                lambda: C.time_fn(_fwd_bwd(lambda: flex(qg, kg, vg, block_mask=bm), dout), device,
-                                  grad_to_none=grads, **t), errors, "flex_fwdbwd")
+            row["flex_fwdbwd_ms"], o = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors, "flex_fwdbwd")
+            row["flex_tiles_fwdbwd"] = _tiles(o)
     # FlexAttention at square blocks (block_q x block_q), tuned to the same sparsity
     if flex_square and flex is not None and base.block_k != base.block_q:
         sq = C.guarded(lambda: tune_config(q, k, target, base.replace(block_k=base.block_q)),
@@ -181,13 +218,11 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
             row["flex_sq_sparsity"] = sq[1].sparsity()
             bm_sq = C.guarded(sq[1].to_flex, errors, "flex_sq_block_mask")
             if bm_sq is not None:
-                row["flex_sq_fwd_ms"] = C.guarded(
-                    lambda: C.time_fn(lambda: flex(q, k, v, block_mask=bm_sq), device, **t),
-                    errors, "flex_sq_fwd")
+                row["flex_sq_fwd_ms"], _ = time_flex(flex, bm_sq, (q, k, v), None, device, t, errors, "flex_sq_fwd")
                 if bwd:
-                    row["flex_sq_fwdbwd_ms"] = C.guarded(
-                        lambda: C.time_fn(_fwd_bwd(lambda: flex(qg, kg, vg, block_mask=bm_sq), dout),
-                                          device, grad_to_none=grads, **t), errors, "flex_sq_fwdbwd")
+                    row["flex_sq_fwdbwd_ms"], o = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t, errors,
+                                                            "flex_sq_fwdbwd")
+                    row["flex_sq_tiles_fwdbwd"] = _tiles(o)
 
     if check:  # relative error against float32 SDPA on the same mask
         ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
@@ -197,7 +232,8 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
             if out is not None:
                 row["sparge_rel_err"] = C.rel_l2(out, ref)
             if bm is not None and flex is not None:
-                fo = C.guarded(lambda: flex(q, k, v, block_mask=bm), errors, "flex_out")
+                fo = C.guarded(lambda: flex(q, k, v, block_mask=bm, kernel_options=flex_opts), errors,
+                               "flex_out")
                 if fo is not None:
                     row["flex_rel_err"] = C.rel_l2(fo, ref)
             del ref
@@ -218,6 +254,7 @@ def add_ratios(row: dict, dense: dict, flops_fwd: float) -> None:
     row["speedup_vs_dense_fwdbwd"] = C.ratio(cudnn_fb, g("sparge_fwdbwd_ms"))
     row["flex_speedup_vs_dense_fwd"] = C.ratio(cudnn_f, g("flex_fwd_ms"))
     row["flex_sq_speedup_vs_dense_fwdbwd"] = C.ratio(cudnn_fb, g("flex_sq_fwdbwd_ms"))
+    row["flex_speedup_vs_dense_fwdbwd"] = C.ratio(cudnn_fb, g("flex_fwdbwd_ms"))
     if g("sparge_fwd_ms"):
         row["sparge_fwd_eff_tflops"] = flops_fwd / (g("sparge_fwd_ms") * 1e-3) / 1e12
 
@@ -239,9 +276,26 @@ BWD_COLUMNS = [
     ("sdpa_cudnn_fwdbwd_ms", "cuDNN dense"), ("sdpa_flash_fwdbwd_ms", "FA2 dense"),
     ("flex_fwdbwd_ms", "Flex (same mask)"), ("flex_sq_fwdbwd_ms", "Flex square blocks"),
     ("sparge_kernel_fwdbwd_ms", "sparge kernel"), ("sparge_fwdbwd_ms", "sparge total"),
-    ("sparge_over_flex_sq_fwdbwd", "total/Flex square"),
+    ("sparge_over_flex_fwdbwd", "total/Flex"), ("sparge_over_flex_sq_fwdbwd", "total/Flex square"),
     ("speedup_vs_dense_fwdbwd", "speed-up vs dense"),
 ]
+
+
+def _flex_tiles_table(rows: list[dict]) -> str:
+    """Where Flex ran with explicit kernel_options (its own tiles did not compile for the mask)."""
+    seen: dict = {}
+    for r in rows:
+        for key, what in (("flex_tiles_fwd", "same mask, fwd"), ("flex_tiles_fwdbwd", "same mask, fwd+bwd"),
+                          ("flex_sq_tiles_fwdbwd", "square blocks, fwd+bwd")):
+            if r.get(key):
+                seen.setdefault((what, r[key]), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
+    if not seen:
+        return "Flex's own tiles everywhere"
+    out = [{"what": w, "tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")}
+           for (w, t), v in seen.items()]
+    return ("Elsewhere Flex's own tiles; here they do not divide the mask's blocks, so these "
+            "kernel_options:\n\n" + C.table(out, [("what", "Flex call"), ("tiles", "kernel_options"),
+                                                   ("where", "points")]))
 
 
 def _errors_table(rows: list[dict]) -> str:
@@ -270,6 +324,7 @@ def markdown(result: dict) -> list[tuple[str, str]]:
     return [
         ("Forward", note + C.table(rows, FWD_COLUMNS)),
         ("Forward + backward", C.table(rows, BWD_COLUMNS)),
+        ("FlexAttention tiles", _flex_tiles_table(rows)),
         ("Failed measurements", _errors_table(rows)),
     ]
 
@@ -282,6 +337,7 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.2 * len(shapes)), squeeze=False)
     series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"), ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
               ("fwd+bwd", [("speedup_vs_dense_fwdbwd", "sparge total"),
+                           ("flex_speedup_vs_dense_fwdbwd", "Flex, same mask"),
                            ("flex_sq_speedup_vs_dense_fwdbwd", "Flex, square blocks")])]
     for i, (N, D) in enumerate(shapes):
         rows = sorted((r for r in result["rows"] if (r["N"], r["D"]) == (N, D)),
