@@ -7,9 +7,9 @@ on the data), and the very same mask is handed to FlexAttention through
 
 * SDPA cuDNN and FlashAttention, dense (``sdpa_kernel`` with one backend), plus SDPA's default
 * FlexAttention (compiled) on the same 128x64 mask; and at 128x128 blocks at the same sparsity
-  (the issue's fwd+bwd baseline). Flex runs with its own tiles where they compile; where they do
-  not divide the mask's blocks (its backward at 128x64 on torch 2.11, its forward at D = 64) with
-  ``kernel_options`` tiles that do (:func:`flex_tiles`), reported in the table
+  (the issue's fwd+bwd baseline: Flex's backward does not compile at 128x64 on torch 2.11, see
+  :func:`flex_tiles`). Flex runs with its own tiles where they compile; its forward at D = 64
+  with ``kernel_options`` tiles that divide the mask's blocks, reported in the table
 * sparge mask prediction alone, sparge kernel alone (given the mask), sparge total
 
 plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
@@ -103,26 +103,24 @@ def _flex_fn(compile_flex: bool):
     return flex_attention
 
 
-def flex_tiles(bm, backward: bool) -> dict:
-    """FlexAttention kernel_options whose tiles divide the mask's blocks: Flex's own choice does
-    not for 64-key blocks at D = 64 (its forward BLOCK_N is 128 there) nor in its backward
-    (BLOCK_N1 = 128 on the H100; torch 2.11 then finds 'no choices'). The forward uses
-    BLOCK_M x BLOCK_N; the backward's dK/dV pass BLOCK_M1 x BLOCK_N1, its dQ pass BLOCK_M2 x BLOCK_N2."""
+def flex_tiles(bm) -> dict:
+    """FlexAttention forward kernel_options whose tiles divide the mask's blocks: Flex's own
+    forward tiles do not for 64-key blocks at D = 64 (BLOCK_N = 128 there). Its backward at
+    128x64 has no such fix on torch 2.11-2.13: the lowering drops every config whose tiles do
+    not divide the blocks *before* it applies kernel_options, and the H100 default (not
+    max-autotune) is the single config BLOCK_N1 = 128, so 'no choices' (flex_attention.py)."""
     bq, bk = bm.BLOCK_SIZE
-    opts = {"BLOCK_M": min(128, bq), "BLOCK_N": min(64, bk)}
-    if backward:
-        opts.update(BLOCK_M1=min(64, bq), BLOCK_N1=min(64, bk), BLOCK_M2=min(64, bq), BLOCK_N2=min(64, bk))
-    return opts
+    return {"BLOCK_M": min(128, bq), "BLOCK_N": min(64, bk)}
 
 
 def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
     """(median ms, kernel_options used) of flex on block mask bm, forward (dout None) or
     forward+backward: Flex's own tiles first, then :func:`flex_tiles` if those fail to
-    compile. Both failing: (None, None), the errors under key (explicit tiles) and
-    key + "_own_tiles"."""
+    compile (forward only: see :func:`flex_tiles`). Both failing: (None, None), the errors
+    under key (explicit tiles) and key + "_own_tiles"."""
     q, k, v = qkv
     own: dict = {}
-    for opts in (None, flex_tiles(bm, dout is not None)):
+    for opts in (None,) if dout is not None else (None, flex_tiles(bm)):
         def call(opts=opts):
             return flex(q, k, v, block_mask=bm, kernel_options=opts)
         fn = call if dout is None else _fwd_bwd(call, dout)
@@ -130,7 +128,10 @@ def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
                        own if opts is None else errors, key, verbose=opts is not None)
         if ms is not None:
             return ms, opts
-    errors[key + "_own_tiles"] = own[key]
+    if opts is not None:
+        errors[key + "_own_tiles"] = own[key]
+    else:
+        errors[key] = own[key]
     return None, None
 
 
@@ -208,8 +209,7 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
         row["flex_fwd_ms"], flex_opts = time_flex(flex, bm, (q, k, v), None, device, t, errors, "flex_fwd")
         row["flex_tiles_fwd"] = _tiles(flex_opts)
         if bwd:
-            row["flex_fwdbwd_ms"], o = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors, "flex_fwdbwd")
-            row["flex_tiles_fwdbwd"] = _tiles(o)
+            row["flex_fwdbwd_ms"], _ = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors, "flex_fwdbwd")
     # FlexAttention at square blocks (block_q x block_q), tuned to the same sparsity
     if flex_square and flex is not None and base.block_k != base.block_q:
         sq = C.guarded(lambda: tune_config(q, k, target, base.replace(block_k=base.block_q)),
@@ -220,9 +220,8 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
             if bm_sq is not None:
                 row["flex_sq_fwd_ms"], _ = time_flex(flex, bm_sq, (q, k, v), None, device, t, errors, "flex_sq_fwd")
                 if bwd:
-                    row["flex_sq_fwdbwd_ms"], o = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t, errors,
+                    row["flex_sq_fwdbwd_ms"], _ = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t, errors,
                                                             "flex_sq_fwdbwd")
-                    row["flex_sq_tiles_fwdbwd"] = _tiles(o)
 
     if check:  # relative error against float32 SDPA on the same mask
         ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
@@ -285,8 +284,7 @@ def _flex_tiles_table(rows: list[dict]) -> str:
     """Where Flex ran with explicit kernel_options (its own tiles did not compile for the mask)."""
     seen: dict = {}
     for r in rows:
-        for key, what in (("flex_tiles_fwd", "same mask, fwd"), ("flex_tiles_fwdbwd", "same mask, fwd+bwd"),
-                          ("flex_sq_tiles_fwdbwd", "square blocks, fwd+bwd")):
+        for key, what in (("flex_tiles_fwd", "same mask, fwd"),):
             if r.get(key):
                 seen.setdefault((what, r[key]), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
     if not seen:

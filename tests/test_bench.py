@@ -109,7 +109,7 @@ def test_report_merges_runs(report, tmp_path):
 
 def test_flex_falls_back_to_tiles_that_divide_the_mask():
     """Flex's own tiles first; where they fail (its BLOCK_N = 128 on 64-key blocks) the bench
-    retries with kernel_options tiles dividing the mask's blocks, and says so."""
+    retries the forward with kernel_options tiles dividing the mask's blocks, and says so."""
     import types
 
     from bench import kernels as K
@@ -121,18 +121,21 @@ def test_flex_falls_back_to_tiles_that_divide_the_mask():
         calls.append(kernel_options)
         if kernel_options is None:
             raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N")
-        assert all(bm.BLOCK_SIZE[0] % kernel_options[m] == 0 for m in ("BLOCK_M", "BLOCK_M1", "BLOCK_M2"))
-        assert all(bm.BLOCK_SIZE[1] % kernel_options[n] == 0 for n in ("BLOCK_N", "BLOCK_N1", "BLOCK_N2"))
+        assert bm.BLOCK_SIZE[0] % kernel_options["BLOCK_M"] == 0 and bm.BLOCK_SIZE[1] % kernel_options["BLOCK_N"] == 0
         return q * 1.0
 
     x = torch.ones(2, requires_grad=True)
+    cpu = torch.device("cpu")
     errors: dict = {}
-    ms, opts = K.time_flex(flex, bm, (x, x, x), torch.ones(2), torch.device("cpu"), {"cpu_iters": 1}, errors, "f")
-    assert ms is not None and opts == K.flex_tiles(bm, backward=True) and errors == {}
+    ms, opts = K.time_flex(flex, bm, (x, x, x), None, cpu, {"cpu_iters": 1}, errors, "f")
+    assert ms is not None and opts == K.flex_tiles(bm) and errors == {}
     assert calls[0] is None and all(c == opts for c in calls[1:])
+    # forward+backward: no tile fallback (torch drops the configs before kernel_options apply)
+    assert K.time_flex(flex, bm, (x, x, x), torch.ones(2), cpu, {}, errors, "b") == (None, None)
+    assert "divisible" in errors["b"] and "b_own_tiles" not in errors
 
     def broken(q, k, v, block_mask, kernel_options=None):
         raise RuntimeError("no choices" if kernel_options else "own tiles")
 
-    assert K.time_flex(broken, bm, (x, x, x), None, torch.device("cpu"), {}, errors, "g") == (None, None)
+    assert K.time_flex(broken, bm, (x, x, x), None, cpu, {}, errors, "g") == (None, None)
     assert "no choices" in errors["g"] and "own tiles" in errors["g_own_tiles"]
