@@ -146,6 +146,25 @@ def test_bisection_path_matches_reference(pb):
         mask_kernel._FORCE_BISECTION = False
 
 
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.integers(1, 32), st.integers(1, 6),
+       st.floats(0.0, 1.0), st.booleans())
+def test_bisection_top_k_equals_pairwise_ranking_with_ties(seed, nq, nk, levels, topk, causal):
+    """Top-k on block scores with many exact ties (few distinct levels): the bit-pattern
+    bisection (which stops early at a cut with exactly c blocks above it) keeps exactly the
+    blocks of the pairwise ranking (value, then lower index first)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (1, 2, nq, nk), generator=g).float() * 0.5
+    args = (scores, nq * 16, nk * 16, causal, topk, 0.0, "topk", 16, 16)
+    pair = mask_kernel.select_triton(*args)
+    mask_kernel._FORCE_BISECTION = True
+    try:
+        bis = mask_kernel.select_triton(*args)
+    finally:
+        mask_kernel._FORCE_BISECTION = False
+    assert torch.equal(pair[0], bis[0]) and torch.equal(pair[1], bis[1])
+
+
 @pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
 def test_head_dims(D):
     q, k, v = make_qkv(D, 1, 2, 1, 40, 50, D, torch.float32)

@@ -146,15 +146,19 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         else:
             c = c_p
         c = tl.maximum(c, 1)
-        # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c
+        # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c. A cut mid with
+        # exactly c blocks at or above it keeps the same blocks as T (no tie straddles it): the
+        # search stops there (~10 steps instead of 30 on long rows, where it dominates).
         lo = tl.zeros([BLOCK_M], tl.int32)
         hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)
-        for _ in range(30):
+        steps = 0
+        while (steps < 30) & (tl.max(hi - lo, 0) > 0):
             mid = lo + (hi - lo + 1) // 2
             cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
             ok = cnt >= c
             lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
+            hi = tl.where(cnt == c, mid, tl.where(ok, hi, mid - 1))
+            steps += 1
         above = pbits > lo[:, None]
         n_above = tl.sum(above.to(tl.int32), 1)
         tie = pbits == lo[:, None]
