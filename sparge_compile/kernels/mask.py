@@ -18,7 +18,9 @@ from ..reference import cdiv
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
 _FORCE_BISECTION = False
 # GPU selection (H100, bench/tune_kernels.py): ~1024 block scores per program on one warp (the
-# bisection's row sums stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512)
+# bisection's row sums stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512);
+# longer rows get a warp per 1024 scores (nk = 1182 at 75600 tokens: one warp holds 255
+# registers, 2 warps 167: 0.150 vs 0.183 ms, 2026-11-24, docs/results/.../s6/exp3.json)
 SELECT_ELEMS, SELECT_WARPS = 1024, 1  # tests set this to exercise the large-nk path on small shapes
 
 
@@ -116,11 +118,15 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
         # blocks get -1. Both cuts are found by bisection on the bit pattern (no sort needed).
         pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
+        # Both searches start from the row's visible range [min, max] of bit patterns (a few
+        # thousand patterns wide on flat rows instead of 2^30): the cuts lie inside it.
+        pmin = tl.where(n_vis > 0, tl.min(tl.where(vis, pbits, 0x7F800000), 1), 0)
+        pmax = tl.maximum(tl.max(pbits, 1), pmin)
         if MODE != 1:
             # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
-            lo = tl.zeros([BLOCK_M], tl.int32)
-            hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)  # bits of 1.0
-            for _ in range(30):
+            lo = pmin
+            hi = pmax
+            while tl.max(hi - lo, 0) > 0:
                 mid = lo + (hi - lo + 1) // 2
                 mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
                 ok = mass >= topp
@@ -148,17 +154,15 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         c = tl.maximum(c, 1)
         # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c. A cut mid with
         # exactly c blocks at or above it keeps the same blocks as T (no tie straddles it): the
-        # search stops there (~10 steps instead of 30 on long rows, where it dominates).
-        lo = tl.zeros([BLOCK_M], tl.int32)
-        hi = tl.full([BLOCK_M], 0x3F800000, tl.int32)
-        steps = 0
-        while (steps < 30) & (tl.max(hi - lo, 0) > 0):
+        # search stops there.
+        lo = pmin
+        hi = pmax
+        while tl.max(hi - lo, 0) > 0:
             mid = lo + (hi - lo + 1) // 2
             cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
             ok = cnt >= c
             lo = tl.where(ok, mid, lo)
             hi = tl.where(cnt == c, mid, tl.where(ok, hi, mid - 1))
-            steps += 1
         above = pbits > lo[:, None]
         n_above = tl.sum(above.to(tl.int32), 1)
         tie = pbits == lo[:, None]
@@ -234,5 +238,5 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
         scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
         BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2, IS_CAUSAL=bool(is_causal),
         MODE=MODE_IDS[mode], PAIRWISE=pairwise,
-        num_warps=num_warps or (4 if pairwise or interp else SELECT_WARPS))
+        num_warps=num_warps or (4 if pairwise or interp else max(SELECT_WARPS, NK_P2 // SELECT_ELEMS)))
     return num, idx
