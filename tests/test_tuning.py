@@ -20,15 +20,19 @@ class FakeKernel:
 
 
 class FakeTuner(FakeKernel):
-    """Stands in for triton.autotune: 'times' the configs and keeps the second one."""
+    """Stands in for triton.autotune: 'times' the configs (w8 s3 fastest at 1.0 ms, the
+    default w4 s2 at ``default_ms``) and keeps the fastest."""
 
-    def __init__(self):
+    def __init__(self, default_ms=2.0):
         super().__init__()
         self.best_config = None
+        self.default_ms = default_ms
 
     def __getitem__(self, grid):
         def run(*args, **kw):
-            self.best_config = triton.Config({}, num_warps=8, num_stages=3)
+            fast, default = triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=2)
+            self.configs_timings = {fast: [1.0, 0.9, 1.1], default: [self.default_ms, 0.0, 9.0]}
+            self.best_config = fast
             self.launches.append((grid, args, kw))
         return run
 
@@ -92,3 +96,13 @@ def test_fixed_settings_without_autotune(fresh, monkeypatch, case):
     tuning.launch(kernel, tuner, (1,), x, (), dict(BLOCK_D=64), warps, stages, fixed=(4, 2))
     assert tuner.launches == []
     assert kernel.launches[0][2] == dict(BLOCK_D=64, num_warps=warps or 4, num_stages=2)
+
+
+@pytest.mark.parametrize("default_ms, picked", [(1.04, "w4 s2"), (1.2, "w8 s3")])
+def test_near_tie_keeps_the_fixed_default(fresh, default_ms, picked):
+    """The tuner times one call's mask; a config only replaces the fixed default when it is
+    more than TIE faster."""
+    kernel, _ = fresh
+    tuner = FakeTuner(default_ms)
+    tuning.launch(kernel, tuner, BIG, tensor(), (), dict(BLOCK_D=64), fixed=(4, 2))
+    assert tuning.best_configs() == {"_fake_kernel": {"BLOCK_D=64, bf16": picked}}
