@@ -118,6 +118,16 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 25, re
     return float(statistics.median(times))
 
 
+def time_graph(fn: Callable[[], Any], device: torch.device, rep: int = 100) -> float | None:
+    """Median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``):
+    its GPU time without the host's launch cost. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
 def short_error(e: BaseException, limit: int = 400) -> str:
     """One line naming the exception, short enough for a JSON field and a table cell."""
     msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")

@@ -10,7 +10,8 @@ on the data), and the very same mask is handed to FlexAttention through
   (the issue's fwd+bwd baseline: Flex's backward does not compile at 128x64 on torch 2.11, see
   :func:`flex_tiles`). Flex runs with its own tiles where they compile; its forward at D = 64
   with ``kernel_options`` tiles that divide the mask's blocks, reported in the table
-* sparge mask prediction alone, sparge kernel alone (given the mask), sparge total
+* sparge mask prediction alone (also replayed from a CUDA graph: its GPU time without launch
+  cost), sparge kernel alone (given the mask), sparge total
 
 plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
 measurement is guarded: a failing baseline records its error string and the run goes on.
@@ -188,6 +189,8 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
 
     row["predict_ms"] = C.guarded(
         lambda: C.time_fn(lambda: sc.predict_block_mask(q, k, config=cfg), device, **t), errors, "predict")
+    row["predict_gpu_ms"] = C.guarded(  # without the launch cost: what a CUDA-graphed model pays
+        lambda: C.time_graph(lambda: sc.predict_block_mask(q, k, config=cfg), device), errors, "predict_gpu")
     row["sparge_kernel_fwd_ms"] = C.guarded(
         lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, block_mask=mask), device, **t),
         errors, "sparge_kernel_fwd")
@@ -265,7 +268,7 @@ def add_ratios(row: dict, dense: dict, flops_fwd: float) -> None:
 FWD_COLUMNS = [
     ("N", "N"), ("D", "D"), ("sparsity", "sparsity"),
     ("sdpa_cudnn_fwd_ms", "cuDNN dense"), ("sdpa_flash_fwd_ms", "FA2 dense"),
-    ("flex_fwd_ms", "Flex (same mask)"), ("predict_ms", "predict"),
+    ("flex_fwd_ms", "Flex (same mask)"), ("predict_ms", "predict"), ("predict_gpu_ms", "predict GPU"),
     ("sparge_kernel_fwd_ms", "sparge kernel"), ("sparge_fwd_ms", "sparge total"),
     ("sparge_over_flex_fwd", "total/Flex"), ("speedup_vs_dense_fwd", "speed-up vs dense"),
     ("sparge_rel_err", "rel err"),
@@ -318,7 +321,8 @@ def markdown(result: dict) -> list[tuple[str, str]]:
     note = (f"B={a['B']}, H={a['H']}, {a['dtype']}, blocks {a['block_q']}x{a['block_k']} "
             f"(Flex square: {a['block_q']}x{a['block_q']}); times in ms, "
             f"{'median of triton.testing.do_bench' if result['env']['device'].startswith('cuda') else 'CPU wall clock'}. "
-            "total = mask prediction + kernel. Ratios < 1 mean sparge is faster.\n\n")
+            "total = mask prediction + kernel; predict GPU = the prediction replayed from a CUDA graph "
+            "(no launch cost). Ratios < 1 mean sparge is faster.\n\n")
     return [
         ("Forward", note + C.table(rows, FWD_COLUMNS)),
         ("Forward + backward", C.table(rows, BWD_COLUMNS)),

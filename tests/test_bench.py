@@ -41,7 +41,7 @@ def test_kernels_fields(report):
     k = _load(report[0], "kernels")
     assert k["rows"], "no kernel rows"
     for row in k["rows"]:
-        for key in ("N", "D", "sparsity_target", "sparsity", "topk", "predict_ms", "sparge_fwd_ms",
+        for key in ("N", "D", "sparsity_target", "sparsity", "topk", "predict_ms", "predict_gpu_ms", "sparge_fwd_ms",
                     "sparge_kernel_fwd_ms", "sparge_fwdbwd_ms", "sparge_rel_err", "sdpa_flash_fwd_ms",
                     "speedup_vs_dense_fwd", "sparge_over_flex_fwd", "errors"):
             assert key in row, key
