@@ -120,20 +120,27 @@ def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
     compile (forward only: see :func:`flex_tiles`). Both failing: (None, None), the errors
     under key (explicit tiles) and key + "_own_tiles"."""
     q, k, v = qkv
-    own: dict = {}
-    for opts in (None,) if dout is not None else (None, flex_tiles(bm)):
-        def call(opts=opts):
+
+    def timed(opts, errs, verbose):
+        def call():
             return flex(q, k, v, block_mask=bm, kernel_options=opts)
         fn = call if dout is None else _fwd_bwd(call, dout)
-        ms = C.guarded(lambda: C.time_fn(fn, device, grad_to_none=None if dout is None else [q, k, v], **timing),
-                       own if opts is None else errors, key, verbose=opts is not None)
-        if ms is not None:
-            return ms, opts
-    if opts is not None:
-        errors[key + "_own_tiles"] = own[key]
-    else:
+        grads = None if dout is None else [q, k, v]
+        return C.guarded(lambda: C.time_fn(fn, device, grad_to_none=grads, **timing), errs, key, verbose=verbose)
+
+    own: dict = {}
+    ms = timed(None, own, verbose=False)
+    if ms is not None:
+        return ms, None
+    if dout is not None:  # no tile fallback for the backward
         errors[key] = own[key]
-    return None, None
+        return None, None
+    opts = flex_tiles(bm)
+    ms = timed(opts, errors, verbose=True)
+    if ms is None:
+        errors[key + "_own_tiles"] = own[key]
+        return None, None
+    return ms, opts
 
 
 def _tiles(opts) -> str | None:
@@ -287,16 +294,14 @@ def _flex_tiles_table(rows: list[dict]) -> str:
     """Where Flex ran with explicit kernel_options (its own tiles did not compile for the mask)."""
     seen: dict = {}
     for r in rows:
-        for key, what in (("flex_tiles_fwd", "same mask, fwd"),):
-            if r.get(key):
-                seen.setdefault((what, r[key]), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
+        if r.get("flex_tiles_fwd"):
+            seen.setdefault(r["flex_tiles_fwd"], []).append(
+                f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
     if not seen:
         return "Flex's own tiles everywhere"
-    out = [{"what": w, "tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")}
-           for (w, t), v in seen.items()]
-    return ("Elsewhere Flex's own tiles; here they do not divide the mask's blocks, so these "
-            "kernel_options:\n\n" + C.table(out, [("what", "Flex call"), ("tiles", "kernel_options"),
-                                                   ("where", "points")]))
+    out = [{"tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")} for t, v in seen.items()]
+    return ("Elsewhere Flex's own tiles; here (forward, same mask) they do not divide the mask's "
+            "blocks, so these kernel_options:\n\n" + C.table(out, [("tiles", "kernel_options"), ("where", "points")]))
 
 
 def _errors_table(rows: list[dict]) -> str:

@@ -7,9 +7,10 @@ The sequence length is not in the key, so a new length never re-tunes. The first
 with a grid of at least ``MIN_TUNE_PER_SM`` programs per SM (the 1.3B video shape, 32768 tokens
 x 12 heads, has 23 in the forward; 8192 tokens has 6) compiles and times every config
 (forward + backward at 32768 tokens, D = 128: ~10 s on the H100) and keeps the fastest, or the
-fixed default where that timed within ``TIE`` of it; later calls launch the pick directly. Smaller launches use the fixed defaults and record no pick: they are
-short or launch-bound (their timings do not rank the configs), and a pick timed on one would
-be kept for the large shapes (a 4-head, 4096-token first call picked 8 warps, 3 stages for the
+fixed default where that timed within ``TIE`` of it; later calls launch the pick directly.
+Smaller launches use the fixed defaults and record no pick: they are short or launch-bound
+(their timings do not rank the configs), and a pick timed on one would be kept for the large
+shapes (a 4-head, 4096-token first call picked 8 warps, 3 stages for the
 forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, 2026-11-24 H100).
 ``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100
 tuning, bench/NOTES.md; they are in each set), as do the interpreter and explicit settings
@@ -18,6 +19,7 @@ passed by the benchmarks.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -37,13 +39,6 @@ TIE = 0.05  # the fixed default stays unless a config times this much faster
 @functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _programs(grid) -> int:
-    n = 1
-    for g in grid:
-        n *= g
-    return n
 
 
 _PICKED: dict = {}  # (kernel name, launch meta, dtype, device) -> triton.Config
@@ -67,7 +62,7 @@ def launch(kernel, tuner, grid, x, args, meta, warps=None, stages=None, fixed=(4
         if cfg is not None:
             kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        if _programs(grid) >= MIN_TUNE_PER_SM * _sm_count(x.device):
+        if math.prod(grid) >= MIN_TUNE_PER_SM * _sm_count(x.device):
             tuner[grid](*args, **meta)
             _PICKED[key] = _prefer_fixed(tuner, fixed)
             return
@@ -80,15 +75,15 @@ def _prefer_fixed(tuner, fixed):
     forward picked 3 stages over the default 2 by noise: 0.755 vs 0.68 ms at 95% sparsity)."""
     best = tuner.best_config
     timings = getattr(tuner, "configs_timings", None) or {}
+    default = next((c for c in timings if (c.num_warps, c.num_stages) == tuple(fixed)), None)
+    if default is None or best not in timings:
+        return best
 
     def ms(cfg):  # the autotuner stores [median, p20, p80]
         t = timings[cfg]
         return t[0] if isinstance(t, (list, tuple)) else t
 
-    for cfg in timings:
-        if (cfg.num_warps, cfg.num_stages) == tuple(fixed) and best in timings and ms(cfg) <= (1 + TIE) * ms(best):
-            return cfg
-    return best
+    return default if ms(default) <= (1 + TIE) * ms(best) else best
 
 
 def best_configs() -> dict:

@@ -1,6 +1,8 @@
 """Session 6, experiment 2 (GPU): mask prediction at long sequences (nk = 1182 key blocks at
 75600 tokens): pooling, scores and selection timed apart; selection launch variants (query
-blocks per program, warps) with the compiler's register/spill report. Writes $OUT/exp2.json."""
+blocks per program, warps) with the compiler's register/spill report. Writes $OUT/exp2.json.
+EXP=exp3 (after the early-stopping top-k search) and EXP=exp4 (after the [min, max] start and the
+warps rule) re-ran it with five launch variants, writing $OUT/exp3.json / exp4.json."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,9 @@ from sparge_compile.reference import cdiv
 
 dev = torch.device("cuda")
 OUT = os.environ.get("OUT", "/tmp")
+EXP = os.environ.get("EXP", "exp2")
+VARIANTS = (((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 4), (4, 8), (2, 1)) if EXP == "exp2"
+            else ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)))
 res: dict = {}
 
 
@@ -49,7 +54,7 @@ for N, D in ((75600, 64), (75600, 128), (32768, 128)):
     ref = {}
     for mode, topk, topp in (("topk", 0.05, 0.0), ("hybrid", 0.05, 0.9)):
         base = None
-        for bm, w in ((1, 1), (1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 4), (4, 8), (2, 1)):
+        for bm, w in VARIANTS:
             key = f"select_{mode}_bm{bm}_w{w}"
             try:
                 run, kern, outs = select_variant(scores, topk, topp, mode, bm, w)
@@ -65,5 +70,5 @@ for N, D in ((75600, 64), (75600, 128), (32768, 128)):
             print(N, D, key, r[key], flush=True)
     res[f"{N}x{D}"] = r
     print(N, D, {k_: v_ for k_, v_ in r.items() if not k_.startswith("select")}, flush=True)
-    with open(os.path.join(OUT, "exp2.json"), "w") as f:
+    with open(os.path.join(OUT, f"{EXP}.json"), "w") as f:
         json.dump(res, f, indent=1)
