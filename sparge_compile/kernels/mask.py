@@ -17,11 +17,17 @@ from ..reference import cdiv
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
 _FORCE_BISECTION = False
-# GPU selection (H100, bench/tune_kernels.py): ~1024 block scores per program on one warp (the
-# bisection's row sums stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512);
-# longer rows get a warp per 1024 scores (nk = 1182 at 75600 tokens: one warp holds 255
-# registers, 2 warps 167: 0.150 vs 0.183 ms, 2026-11-24, docs/results/.../s6/exp3.json)
-SELECT_ELEMS, SELECT_WARPS = 1024, 1  # tests set this to exercise the large-nk path on small shapes
+# GPU selection (H100, bench/tune_kernels.py): one warp per program (the bisection's row sums
+# stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512), rows of up to
+# SELECT_ELEMS block scores per program (one row of 512 scores: 0.0104 vs 0.0116 ms for two, top-k,
+# H200, 2026-12-01, docs/results/2026-12-01-h200/s7/exp4.json); longer rows get a warp per 1024
+# scores (nk = 1182 at 75600 tokens: one warp holds 255 registers, 2 warps 167: 0.150 vs 0.183
+# ms, 2026-11-24, docs/results/.../s6/exp3.json)
+SELECT_ELEMS, SELECT_WARP_ELEMS = 512, 1024
+# Pooling: one warp per program at up to 128x128 tiles (a q block: 128 rows of D = 128), more for
+# bigger tiles: 1/2/4 warps at 32768x128 0.0495/0.0511/0.0592 ms (pure-read floor 0.0453), at
+# 75600x64 0.058/0.058/0.084 (H200, 2026-12-01, s7/exp4.json; on the H100 1-4 warps tied)
+POOL_TILE_PER_WARP = 128 * 128
 
 
 @triton.jit
@@ -198,7 +204,8 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
     kb = torch.empty((B, Hk, nk, BLOCK_D), dtype=torch.float32, device=q.device)
     _pool_qk_kernel[(nq + nk, B * max(Hq, Hk))](
         q, k, qb, kb, *q.stride(), *k.stride(), B, Hq, Hk, Nq, Nk, nq, nk, D,
-        BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D, num_warps=4)
+        BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D,
+        num_warps=min(8, triton.next_power_of_2(max(1, max(block_q, block_k) * BLOCK_D // POOL_TILE_PER_WARP))))
     return qb, kb
 
 
@@ -238,5 +245,5 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
         scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
         BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2, IS_CAUSAL=bool(is_causal),
         MODE=MODE_IDS[mode], PAIRWISE=pairwise,
-        num_warps=num_warps or (4 if pairwise or interp else max(SELECT_WARPS, NK_P2 // SELECT_ELEMS)))
+        num_warps=num_warps or (4 if pairwise or interp else max(1, NK_P2 // SELECT_WARP_ELEMS)))
     return num, idx
