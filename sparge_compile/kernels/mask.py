@@ -204,9 +204,13 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
     kb = torch.empty((B, Hk, nk, BLOCK_D), dtype=torch.float32, device=q.device)
     _pool_qk_kernel[(nq + nk, B * max(Hq, Hk))](
         q, k, qb, kb, *q.stride(), *k.stride(), B, Hq, Hk, Nq, Nk, nq, nk, D,
-        BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D,
-        num_warps=min(8, triton.next_power_of_2(max(1, max(block_q, block_k) * BLOCK_D // POOL_TILE_PER_WARP))))
+        BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D, num_warps=_pool_warps(max(block_q, block_k) * BLOCK_D))
     return qb, kb
+
+
+def _pool_warps(tile: int) -> int:
+    """Warps for pooling a tile of ``tile`` elements: one per POOL_TILE_PER_WARP, a power of 2, 1-8."""
+    return min(8, triton.next_power_of_2(max(1, tile // POOL_TILE_PER_WARP)))
 
 
 def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k,
