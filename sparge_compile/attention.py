@@ -6,7 +6,7 @@ import torch
 from . import kernels, ops
 from .block_mask import SpargeBlockMask
 from .config import DEFAULT_CONFIG, SpargeConfig
-from .validate import check_qkv
+from .validate import check_block_mask, check_flag, check_qkv
 
 
 def _config(config: SpargeConfig | None) -> SpargeConfig:
@@ -62,9 +62,11 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     (B, Hq, nq, nk), nq = ceil(Nq / block_q), nk = ceil(Nk / block_k).
     """
     cfg = _config(config)
+    check_flag("is_causal", is_causal)
     scale = check_qkv(q, k, None, scale)
     num, idx = _predict(q, k, scale, is_causal, cfg)
-    return SpargeBlockMask(num, idx, q.shape[2], k.shape[2], cfg.block_q, cfg.block_k, bool(is_causal))
+    return SpargeBlockMask(num, idx, q.shape[2], k.shape[2], cfg.block_q, cfg.block_k,
+                           bool(is_causal))._trusted()
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -78,13 +80,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     block_mask: use this mask instead of predicting one. return_mask: also return the mask.
     """
     cfg = _config(config)
+    check_flag("is_causal", is_causal)
+    check_flag("return_mask", return_mask)
     scale = check_qkv(q, k, v, scale)
     if block_mask is None:
         num, idx = _predict(q, k, scale, is_causal, cfg)
         bq, bk = cfg.block_q, cfg.block_k
     else:
+        check_block_mask(block_mask, q, k)
         num, idx, bq, bk = block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_q, block_mask.block_k
     out = _attend(q, k, v, num, idx, scale, is_causal, bq, bk)
     if return_mask:
-        return out, SpargeBlockMask(num, idx, q.shape[2], k.shape[2], bq, bk, bool(is_causal))
+        mask = block_mask if block_mask is not None else SpargeBlockMask(
+            num, idx, q.shape[2], k.shape[2], bq, bk, bool(is_causal))._trusted()
+        return out, mask
     return out

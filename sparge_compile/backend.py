@@ -20,6 +20,7 @@ import torch
 from .config import DEFAULT_CONFIG, SpargeConfig
 from .passes import sparsify_graph
 from .passes import runtime
+from .passes.shield import shield_softmax_axes
 from .passes.report import GraphReport, Report, log_graph_report
 from .plan import SpargePlan
 
@@ -79,8 +80,20 @@ def _apply_options(config: SpargeConfig, inner, plan, inductor_opts, options: di
         config = config.replace(**fields)
     inner = _check_inner(options.get("inner", inner))
     plan = options.get("plan", plan)
-    inductor_opts = dict(inductor_opts or {}, **(options.get("inductor") or {}))
+    extra = options.get("inductor")
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):
+        raise TypeError(f"sparge: option 'inductor' must be a dict of Inductor config patches "
+                        f"(name -> value), got {type(extra).__name__}")
+    if "record_masks" in options:
+        _check_flag("record_masks", options["record_masks"])
+    inductor_opts = dict(inductor_opts or {}, **(extra or {}))
     return config, inner, _check_plan(plan), inductor_opts
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"sparge: option {name!r} must be True or False, got {value!r}")
+    return value
 
 
 def _check_plan(plan):
@@ -133,7 +146,7 @@ class SpargeBackend:
             raise TypeError(f"sparge: config must be a SpargeConfig, got {type(config).__name__}")
         self.config = config
         self.inner = _check_inner(inner)
-        self.record_masks = bool(record_masks)
+        self.record_masks = _check_flag("record_masks", record_masks)
         self.plan = _check_plan(plan)
         self.inductor_options: dict = {}
         self.graphs: list[GraphReport] = []
@@ -163,7 +176,14 @@ class SpargeBackend:
             log_graph_report(gr)
         else:
             log.info("sparge: graph %s has no attention site", name)
+        shield_softmax_axes(gm)   # Inductor's attention fusion misreads softmax(dim != -1)
         return _compile_inner(inner, gm, example_inputs, mode, ind)
+
+    def __getstate__(self):
+        """Pickle the settings, not what the backend collected (reports hold code objects)."""
+        state = dict(self.__dict__)
+        state["graphs"] = []
+        return state
 
     def set_config(self, **changes) -> None:
         """Change topk / topp / mode of every site this backend rewrote, at run time, no recompile.

@@ -25,6 +25,18 @@ class SpargeBlockMask:
     block_k: int
     is_causal: bool = False
     _q_index: tuple | None = field(default=None, repr=False)
+    _checked: tuple | None = field(default=None, repr=False, compare=False)   # see validate.check_block_mask
+
+    def _stamp(self) -> tuple:
+        """Identifies the index tensors' current contents (in-place changes bump the versions)."""
+        n, i = self.kv_num_blocks, self.kv_indices
+        return (n._version, i._version, n.data_ptr(), i.data_ptr())
+
+    def _trusted(self) -> "SpargeBlockMask":
+        """Mark a mask our own prediction made as valid (no check of its values later)."""
+        if not torch.compiler.is_compiling():
+            self._checked = self._stamp()
+        return self
 
     @property
     def shape(self):

@@ -60,16 +60,31 @@ def diagonal_blocks(nq_tok: int, nk_tok: int, block_q: int, block_k: int, is_cau
     return (first_key[None, :] <= last_row[:, None]) & (last_key[None, :] >= first_row[:, None])
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
+def block_logits(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
                  block_q: int, block_k: int) -> torch.Tensor:
-    """P̄ (B, Hq, nq, nk): softmax over visible key blocks of pooled q̄·k̄·scale (0 where hidden)."""
+    """(B, Hq, nq, nk) pooled scores q̄·k̄·scale, -inf where the block is hidden (causal)."""
     Hq, Hkv = q.shape[1], k.shape[1]
     qb = pool_blocks(q, block_q)
     kb = pool_blocks(k, block_k).repeat_interleave(Hq // Hkv, dim=1)
     s = qb @ kb.transpose(-2, -1) * scale
     vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    s = s.masked_fill(~vis, float("-inf"))
-    return torch.softmax(s, dim=-1)
+    return s.masked_fill(~vis, float("-inf"))
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
+                 block_q: int, block_k: int) -> torch.Tensor:
+    """P̄ (B, Hq, nq, nk): softmax over visible key blocks of pooled q̄·k̄·scale (0 where hidden)."""
+    return torch.softmax(block_logits(q, k, scale, is_causal, block_q, block_k), dim=-1)
+
+
+def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
+                   block_q: int, block_k: int) -> torch.Tensor:
+    """(B, Hq, nq) bool: query blocks with a NaN or infinite pooled score on a visible key block
+    (NaN/inf in q or k). Such a row cannot be ranked: it keeps every visible block, i.e. it is
+    computed exactly as dense attention (and gives SDPA's NaNs where SDPA would)."""
+    s = block_logits(q, k, scale, is_causal, block_q, block_k)
+    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    return (~torch.isfinite(s) & vis).any(-1)
 
 
 def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: float, mode: str):
@@ -103,7 +118,8 @@ def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None =
     """The hybrid Top-k + Top-p block mask as a dense bool tensor (B, Hq, nq, nk).
 
     Keeps, per query block, the c = max(c_k, c_p, 1) highest-scoring visible key blocks
-    (ties to the lower block index) and, with is_causal, every diagonal block.
+    (ties to the lower block index) and, with is_causal, every diagonal block. A query block
+    whose pooled scores are not all finite (NaN/inf in q or k) keeps every visible block.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p = block_scores(q, k, scale, is_causal, block_q, block_k)
@@ -116,7 +132,8 @@ def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None =
     rank.scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
     keep = (rank < c[..., None]) & vis
     diag = diagonal_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    return keep | diag
+    dense = nonfinite_rows(q, k, scale, is_causal, block_q, block_k)[..., None] & vis
+    return keep | diag | dense
 
 
 def dense_token_mask(block_mask: torch.Tensor, nq_tok: int, nk_tok: int, block_q: int,

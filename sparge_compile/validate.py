@@ -10,6 +10,13 @@ from .config import HEAD_DIMS
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool argument (a string such as "False" would read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, scale=None) -> float:
     """Validate SDPA-layout inputs; return the softmax scale to use."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
@@ -46,3 +53,69 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, s
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
+
+
+def _mask_fields_ok(m, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Shape, lengths, dtype and device of a block mask (no data read)."""
+    B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    for name in ("block_q", "block_k"):
+        val = getattr(m, name, None)
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"block_mask.{name} must be a positive int, got {val!r}")
+    if (m.q_len, m.kv_len) != (Nq, Nk):
+        raise ValueError(f"block_mask was built for q_len={m.q_len}, kv_len={m.kv_len} but q has {Nq} "
+                         f"tokens and k has {Nk}")
+    nq, nk = -(-Nq // m.block_q), -(-Nk // m.block_k)
+    for name, t, shape in (("kv_num_blocks", m.kv_num_blocks, (B, H, nq)),
+                           ("kv_indices", m.kv_indices, (B, H, nq, nk))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"block_mask.{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"block_mask.{name} has shape {tuple(t.shape)}; q/k need {shape} "
+                             f"(B, Hq, ceil(Nq/block_q){', ceil(Nk/block_k)' if len(shape) == 4 else ''})")
+        if t.dtype != torch.int32:
+            raise TypeError(f"block_mask.{name} must be int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"block_mask.{name} is on {t.device} but q is on {q.device}")
+
+
+def _mask_values_ok(num: torch.Tensor, idx: torch.Tensor) -> None:
+    """0 <= kv_num_blocks <= nk; the first kv_num_blocks indices of a row in [0, nk), no repeats."""
+    nk = idx.shape[-1]
+    used = torch.arange(nk, device=idx.device) < num[..., None]
+    bad_num = (num < 0) | (num > nk)
+    bad_idx = used & ((idx < 0) | (idx >= nk))
+    from .kernels.torch_impl import indices_to_dense
+
+    repeats = indices_to_dense(num.clamp(0, nk), idx, nk).sum(-1, dtype=torch.int32) != num.clamp(0, nk)
+    flags = torch.stack([bad_num.any(), bad_idx.any(), repeats.any()]).tolist()   # one sync
+    if flags[0]:
+        raise ValueError(f"block_mask.kv_num_blocks must lie in [0, {nk}] (nk key blocks), got values in "
+                         f"[{int(num.min())}, {int(num.max())}]")
+    if flags[1]:
+        raise ValueError(f"block_mask.kv_indices: a used entry (among the first kv_num_blocks of its row) "
+                         f"is outside [0, {nk})")
+    if flags[2]:
+        raise ValueError("block_mask.kv_indices: a row names the same key block twice among its first "
+                         "kv_num_blocks entries")
+
+
+def check_block_mask(m, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A block mask must fit q/k before any kernel runs (a wrong one crashes or silently misreads).
+
+    Shapes, lengths, dtype and device always; the values (counts and index range) once per mask
+    and again only after its tensors change in place (their version counters), and never while
+    torch.compile traces (no data there).
+    """
+    from .block_mask import SpargeBlockMask
+
+    if not isinstance(m, SpargeBlockMask):
+        raise TypeError(f"block_mask must be a SpargeBlockMask (from predict_block_mask or "
+                        f"SpargeBlockMask(...)), got {type(m).__name__}")
+    _mask_fields_ok(m, q, k)
+    if torch.compiler.is_compiling():
+        return
+    stamp = m._stamp()
+    if m._checked != stamp:
+        _mask_values_ok(m.kv_num_blocks, m.kv_indices)
+        m._checked = stamp

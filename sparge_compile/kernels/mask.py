@@ -3,7 +3,8 @@
 Launches: pooling of the query and of the key blocks (fp32, head dim padded to a power of
 two); block scores q̄·k̄ᵀ·scale (fp32); per tile of query blocks the softmax and the
 selection, which keeps the
-max(c_k, c_p, 1) best blocks (ties to the lower index) plus, causal, the diagonal blocks.
+max(c_k, c_p, 1) best blocks (ties to the lower index) plus, causal, the diagonal blocks; a
+row with a NaN/inf score keeps every visible block.
 It writes FlexAttention-style kv_num_blocks / kv_indices (kept blocks ascending, then the
 dropped ones ascending). topk and topp are runtime values: changing them never recompiles.
 """
@@ -91,6 +92,9 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
     if IS_CAUSAL:
         last_row = tl.minimum((ri + 1) * BQ, Nq) - 1
         vis = vis & ((cj * BK)[None, :] <= last_row[:, None])
+    # a row with a NaN/inf score (NaN/inf in q or k) cannot be ranked: it keeps every visible
+    # block (reference.nonfinite_rows), on every path alike
+    unranked = tl.sum((vis & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), 1) > 0
     s = tl.where(vis, s, float("-inf"))
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -181,6 +185,7 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         last_key = tl.minimum(first_key + BK, Nk) - 1
         diag = (first_key[None, :] <= last_row2[:, None]) & (last_key[None, :] >= first_row[:, None])
         keep = keep | (diag & vis)
+    keep = keep | (vis & unranked[:, None])
 
     keep_i = keep.to(tl.int32)
     kept_cum = tl.cumsum(keep_i, 1)

@@ -126,4 +126,5 @@ def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, blo
     if G > 1:
         dk = dk.reshape(B, Hkv, G, *dk.shape[2:]).sum(2)
         dv = dv.reshape(B, Hkv, G, *dv.shape[2:]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # contiguous whatever q/k/v's strides (the ops' fake kernels promise it)
+    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous())
