@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 import weakref
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from . import reference as R
 from .config import SpargeConfig
+from .distill import _describe
 from .plan import PlanSite, SpargePlan, site_signature
 
 log = logging.getLogger("sparge_compile.calibrate")
@@ -322,7 +324,7 @@ def _materialize(inputs, batches, device) -> list:
         raise CalibrationError("inputs must be a list of batches or a callable(i) -> batch, not a module")
     if callable(inputs) and not isinstance(inputs, Tensor):
         n = 4 if batches is None else int(batches)
-        out = [inputs(i) for i in range(n)]
+        out = [_call_inputs(inputs, i) for i in range(n)]
     else:
         if isinstance(inputs, (Tensor, dict)):
             raise CalibrationError("inputs must be a list of batches or a callable(i) -> batch; wrap a "
@@ -335,6 +337,13 @@ def _materialize(inputs, batches, device) -> list:
     if not out:
         raise CalibrationError("calibrate: no input batches")
     return [_to_device(b, device) for b in out]
+
+
+def _call_inputs(inputs, i: int):
+    try:
+        return inputs(i)
+    except Exception as e:
+        raise CalibrationError(f"calibrate: inputs({i}) raised {type(e).__name__}: {e}") from e
 
 
 def _sync(device):
@@ -432,12 +441,109 @@ class _Calibrator:
             self._ensure(st, self.global_cand, b, q, k, v, scale, is_causal, dense, call)
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain: what the model raised, under Dynamo's wrappers
+    (a fake-tensor error during tracing carries the model's own error as its cause)."""
+    seen = {id(e)}
+    while True:
+        nxt = e.__cause__ or e.__context__
+        if nxt is None or id(nxt) in seen:
+            return e
+        seen.add(id(nxt))
+        e = nxt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _rejected(batch, i: int, e: Exception) -> CalibrationError:
+    root = _root_cause(e)
+    why = f"{type(root).__name__}: {_first_line(root)}"
+    if root is not e:
+        why += f" (raised through {type(e).__name__})"
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    who = ("the sparge capture backend failed on" if isinstance(e, BackendCompilerFailed)
+           else "the model rejected")
+    return CalibrationError(f"calibrate: {who} batch {i} = {_describe(batch)} (called as model(*batch) for "
+                            f"a tuple/list, model(**batch) for a dict, model(batch) otherwise): {why}")
+
+
 def _run_batches(compiled, batches, cal: _Calibrator, phase: str, start: int = 0):
     cal.phase = phase
     for i, batch in enumerate(batches, start):
         cal.batch = i
         args, kwargs = _call_args(batch)
-        compiled(*args, **kwargs)
+        try:
+            compiled(*args, **kwargs)
+        except CalibrationError:
+            raise
+        except Exception as e:
+            raise _rejected(batch, i, e) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (each error names the argument: TypeError for a type, ValueError for a range)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _type_error(name: str, what: str, got) -> TypeError:
+    return TypeError(f"calibrate: {name} must be {what}, got {type(got).__name__} {got!r}")
+
+
+def _check_objective(target_sparsity, max_error) -> None:
+    for name, x in (("target_sparsity", target_sparsity), ("max_error", max_error)):
+        if x is not None and not _is_real(x):
+            raise _type_error(name, "a number (or None)", x)
+    if (target_sparsity is None) == (max_error is None):
+        raise ValueError("calibrate: give exactly one of target_sparsity and max_error")
+    if target_sparsity is not None and not (0.0 <= float(target_sparsity) < 1.0):
+        raise ValueError(f"calibrate: target_sparsity must be in [0, 1), got {target_sparsity}")
+    if max_error is not None and not (0.0 < float(max_error) < math.inf):
+        raise ValueError(f"calibrate: max_error must be a finite number > 0, got {max_error}")
+
+
+def _check_options(*, batches, per_site, inner, sample_blocks, max_rounds, verbose) -> None:
+    if batches is not None and not _is_int(batches):
+        raise _type_error("batches", "an int (or None)", batches)
+    if batches is not None and batches < 1:
+        raise ValueError(f"calibrate: batches must be >= 1, got {batches}")
+    for name, x, low in (("sample_blocks", sample_blocks, 0), ("max_rounds", max_rounds, 0)):
+        if not _is_int(x):
+            raise _type_error(name, "an int", x)
+        if x < low:
+            raise ValueError(f"calibrate: {name} must be >= {low}, got {x}")
+    for name, x in (("per_site", per_site), ("verbose", verbose)):
+        if not isinstance(x, bool):
+            raise _type_error(name, "a bool", x)
+    if not (isinstance(inner, str) or callable(inner)):
+        raise _type_error("inner", "a backend name or a compiler callable", inner)
+
+
+def _grid(name: str, values) -> tuple:
+    """A search axis: a non-empty iterable of numbers in [0, 1], sorted, duplicates dropped."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise _type_error(name, "an iterable of numbers in [0, 1]", values)
+    values = list(values)
+    bad = [x for x in values if not _is_real(x)]
+    if bad:
+        raise TypeError(f"calibrate: {name} must hold numbers in [0, 1], got an item of type "
+                        f"{type(bad[0]).__name__}: {bad[0]!r}")
+    if not values:
+        raise ValueError(f"calibrate: {name} must not be empty")
+    out = [x for x in values if not (0.0 <= float(x) <= 1.0)]
+    if out:
+        raise ValueError(f"calibrate: {name} must be numbers in [0, 1], got {out[0]}")
+    return tuple(sorted({float(x) for x in values}))
 
 
 def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
@@ -461,23 +567,23 @@ def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
         calibrated); default ``SpargeConfig()``.
     per_site: False gives one global (topk, topp) for all sites (the baseline).
     inner: what runs the capture graph ("eager": compiling it would only cost time).
-    sample_blocks: query blocks per head whose rows give the predicted error (all if fewer).
-    topks, topps: the search grid.
+    sample_blocks: query blocks per head whose rows give the predicted error (all if fewer; 0: all).
+    topks, topps: the search grid (numbers in [0, 1]).
+    max_rounds: at most this many check passes over the batches (0: no measurement).
+
+    Bad arguments raise TypeError (a wrong type) or ValueError (out of range) naming the argument;
+    a batch the model rejects raises :class:`CalibrationError` naming the batch and the model's error.
 
     Returns a :class:`SpargePlan` (``print(plan)`` is the report: each site's choice, predicted
     and measured sparsity and error). Raises :class:`CalibrationError` when no site qualifies.
     """
-    if (target_sparsity is None) == (max_error is None):
-        raise ValueError("calibrate: give exactly one of target_sparsity and max_error")
-    if target_sparsity is not None and not (0.0 <= float(target_sparsity) < 1.0):
-        raise ValueError(f"calibrate: target_sparsity must be in [0, 1), got {target_sparsity}")
-    if max_error is not None and not (float(max_error) > 0.0):
-        raise ValueError(f"calibrate: max_error must be > 0, got {max_error}")
+    _check_objective(target_sparsity, max_error)
+    _check_options(batches=batches, per_site=per_site, inner=inner, sample_blocks=sample_blocks,
+                   max_rounds=max_rounds, verbose=verbose)
     config = SpargeConfig() if config is None else config
     if not isinstance(config, SpargeConfig):
         raise TypeError(f"calibrate: config must be a SpargeConfig, got {type(config).__name__}")
-    topks = tuple(sorted({float(x) for x in topks}))
-    topps = tuple(sorted({float(x) for x in topps}))
+    topks, topps = _grid("topks", topks), _grid("topps", topps)
     if config.mode == "topk":
         topps = (0.0,)
     elif config.mode == "topp":

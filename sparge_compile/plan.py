@@ -13,16 +13,24 @@ sizes and mode; a site not in the plan uses the backend's config. A plan for a d
 is an error (:class:`PlanMismatchError`), never a silent fallback: a site whose id is in the
 plan but whose shapes differ, or (``strict``, the default) a compiled graph with attention
 sites of which none is in the plan.
+
+A plan holds the fixed lengths it was calibrated at. Under dynamic shapes (Dynamo recompiling
+with symbolic sizes, or ``dynamic=True``) the check compares each symbolic size with the
+recorded ones, which installs a guard: the compiled graph is specialised to a calibrated length
+and any other length recompiles and raises :class:`PlanMismatchError`, as a static graph does.
+The batch dimension is not part of a plan's shapes and stays dynamic.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from .config import SpargeConfig
@@ -35,12 +43,21 @@ class PlanMismatchError(ValueError):
     """The plan was made for a different model (site ids or shapes do not match)."""
 
 
+class PlanFormatError(ValueError):
+    """A saved plan is not valid: not JSON, a missing field, or a field of the wrong type or range."""
+
+
+class _Undecidable(Exception):
+    """A graph size that cannot be compared with the plan's (symbolic with no value to guard on)."""
+
+
 def site_signature(kind: str, shapes: dict) -> dict:
     """A site's shapes without the batch dimension: ``{"q": [...], "k": [...]}``.
 
     Op layout (sdpa, hand-written): q (B, H, N, D) -> [H, N, D]; rank 3 (B*H, N, D) -> [N, D].
-    MultiheadAttention: q (L, B, E) -> [L, E]; unbatched (L, E) stays. Symbolic sizes are kept
-    as strings and match anything.
+    MultiheadAttention: q (L, B, E) -> [L, E]; unbatched (L, E) stays. A symbolic size
+    (``torch.SymInt``) is kept as it is, so that :meth:`SpargePlan.check_graph` can guard on it;
+    other non-int sizes become strings.
     """
     out = {}
     for name in ("q", "k"):
@@ -50,8 +67,28 @@ def site_signature(kind: str, shapes: dict) -> dict:
                 s = [s[0], s[2]]
         elif len(s) >= 3:
             s = s[1:]
-        out[name] = [int(x) if isinstance(x, int) else str(x) for x in s]
+        out[name] = [int(x) if isinstance(x, int) else x if isinstance(x, torch.SymInt) else str(x)
+                     for x in s]
     return out
+
+
+def _dim_matches(rec, cur) -> bool:
+    """One size against the recorded one. A recorded string (a symbolic size at calibration)
+    matches anything. A SymInt is compared with the recorded int, which guards on it (the graph
+    is specialised to that size when it matches); a size with no value to compare raises
+    :class:`_Undecidable`, never a silent match."""
+    if isinstance(rec, str):
+        return True
+    if isinstance(cur, int):
+        return cur == rec
+    if isinstance(cur, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        try:
+            return bool(cur == rec)
+        except GuardOnDataDependentSymNode as e:
+            raise _Undecidable(str(cur)) from e
+    raise _Undecidable(str(cur))
 
 
 def _sig_matches(rec: dict, cur: dict) -> bool:
@@ -59,13 +96,38 @@ def _sig_matches(rec: dict, cur: dict) -> bool:
         a, b = rec.get(name, []), cur.get(name, [])
         if len(a) != len(b):
             return False
-        if any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b)):
+        if not all(_dim_matches(x, y) for x, y in zip(a, b)):
             return False
     return True
 
 
+def _is_symbolic(sig: dict) -> bool:
+    return any(not isinstance(x, int) for n in ("q", "k") for x in sig.get(n, []))
+
+
+def _fmt_dim(x) -> str:
+    """A size for a message; a symbolic one with its value in this compile (``s27=192``)."""
+    hint = getattr(getattr(x, "node", None), "hint", None) if isinstance(x, torch.SymInt) else None
+    return f"({x}={hint})" if hint is not None else str(x)
+
+
 def _fmt_sig(sig: dict) -> str:
-    return ", ".join(f"{n}={'x'.join(map(str, sig.get(n, [])))}" for n in ("q", "k"))
+    return ", ".join(f"{n}={'x'.join(map(_fmt_dim, sig.get(n, [])))}" for n in ("q", "k"))
+
+
+def _shape_mismatch(sid: str, sig: dict, recorded: list, undecidable: bool = False) -> PlanMismatchError:
+    seen = "; ".join(_fmt_sig(r) for r in recorded)
+    msg = (f"sparge plan does not match this model: site {sid!r} has shapes {_fmt_sig(sig)} (batch left "
+           f"out) but the plan was calibrated with {seen}")
+    if not _is_symbolic(sig):
+        return PlanMismatchError(msg + "; calibrate this model (or this resolution) again")
+    why = ("sizes that cannot be compared with the plan's (data-dependent)" if undecidable else
+           "symbolic sizes (Dynamo recompiled it dynamic after seeing another length, dynamic=True, "
+           "or mark_dynamic)")
+    return PlanMismatchError(
+        f"{msg}. This graph is dynamic, with {why}, and a plan applies only at the fixed lengths it was "
+        "calibrated at: calibrate with batches of this length too, or compile with dynamic=False "
+        "(or torch._dynamo.mark_static on the sequence dimension) and call at the calibrated lengths")
 
 
 def _num(x):
@@ -89,6 +151,75 @@ def _clean(x):
         return _num(float(x))
     except (TypeError, ValueError):
         return str(x)
+
+
+# ------------------------------------------------------------------ validating a loaded plan
+_SITE_STATS = ("predicted_sparsity", "predicted_error", "measured_sparsity", "measured_error",
+               "measured_max_error")
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _bad(where: str, name: str, what: str, got) -> PlanFormatError:
+    return PlanFormatError(f"{where}: field {name!r} must be {what}, got {got!r}")
+
+
+def _check_plan_dict(d, where: str) -> None:
+    """The top level of a plan's dict form; then every site (:func:`_check_site`)."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise PlanFormatError(f"{where}: not a sparge plan (expected format {FORMAT!r})")
+    if d.get("version") != VERSION:
+        raise PlanFormatError(f"{where}: sparge plan version {d.get('version')!r} is not supported (this is "
+                              f"version {VERSION}); calibrate again")
+    if "config" not in d:
+        raise PlanFormatError(f"{where}: field 'config' is missing (the calibration's SpargeConfig)")
+    for name in ("config", "sites", "objective", "summary", "meta"):
+        if name in d and not isinstance(d[name], dict):
+            raise _bad(where, name, "an object", d[name])
+    if not isinstance(d.get("strict", True), bool):
+        raise _bad(where, "strict", "a bool (true/false)", d["strict"])
+    for sid, site in d.get("sites", {}).items():
+        _check_site(f"{where}: site {sid!r}", site)
+
+
+def _check_site(where: str, d) -> None:
+    if not isinstance(d, dict):
+        raise PlanFormatError(f"{where} must be an object, got {d!r}")
+    for name in ("topk", "topp"):
+        x = d.get(name)
+        if x is not None and not (_is_num(x) and 0.0 <= x <= 1.0):
+            raise _bad(where, name, "a number in [0, 1] or null", x)
+    if (d.get("topk") is None) != (d.get("topp") is None):
+        raise _bad(where, "topp" if d.get("topp") is None else "topk",
+                   "given together with the other of topk / topp (or both null)", None)
+    if not isinstance(d.get("dense", False), bool):
+        raise _bad(where, "dense", "a bool (true/false)", d["dense"])
+    for name in ("kind", "note"):
+        if not isinstance(d.get(name, ""), str):
+            raise _bad(where, name, "a string", d[name])
+    for name in _SITE_STATS:
+        if d.get(name) is not None and not _is_num(d[name]):
+            raise _bad(where, name, "a number or null", d[name])
+    _check_shapes(where, d.get("shapes", []))
+
+
+def _is_dim(x) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool) and x >= 0) or isinstance(x, str)
+
+
+def _check_shapes(where: str, shapes) -> None:
+    what = 'a list of {"q": [sizes], "k": [sizes]} with sizes non-negative ints'
+    if not isinstance(shapes, list):
+        raise _bad(where, "shapes", what, shapes)
+    for sig in shapes:
+        if not isinstance(sig, dict):
+            raise _bad(where, "shapes", what, sig)
+        for n in ("q", "k"):
+            dims = sig.get(n, [])
+            if not isinstance(dims, list) or not all(_is_dim(x) for x in dims):
+                raise _bad(where, "shapes", what, sig)
 
 
 @dataclass
@@ -149,15 +280,20 @@ class SpargePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpargePlan":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ValueError(f"not a sparge plan (expected format {FORMAT!r})")
-        if d.get("version") != VERSION:
-            raise ValueError(f"sparge plan version {d.get('version')!r} is not supported (this is version "
-                             f"{VERSION}); calibrate again")
-        return cls(config=SpargeConfig(**d["config"]),
+        """A plan from its :meth:`to_dict` form, validated (:class:`PlanFormatError`, a ValueError)."""
+        return cls._parse(d, "sparge plan")
+
+    @classmethod
+    def _parse(cls, d, where: str) -> SpargePlan:
+        _check_plan_dict(d, where)
+        try:
+            config = SpargeConfig(**d["config"])
+        except (TypeError, ValueError) as e:
+            raise PlanFormatError(f"{where}: field 'config': {e}") from e
+        return cls(config=config,
                    sites={sid: PlanSite.from_dict(s) for sid, s in d.get("sites", {}).items()},
                    objective=dict(d.get("objective", {})), summary=dict(d.get("summary", {})),
-                   meta=dict(d.get("meta", {})), strict=bool(d.get("strict", True)))
+                   meta=dict(d.get("meta", {})), strict=d.get("strict", True))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -173,7 +309,16 @@ class SpargePlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SpargePlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a saved plan; a file that is not a valid plan raises :class:`PlanFormatError` (a
+        ValueError) naming the file and, where it is one, the site and the field."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except UnicodeDecodeError as e:
+            raise PlanFormatError(f"{path}: not a sparge plan (not a text file: {e})") from e
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"{path}: not a sparge plan (invalid JSON at line {e.lineno} column "
+                                  f"{e.colno}: {e.msg})") from e
+        return cls._parse(d, str(path))
 
     @classmethod
     def coerce(cls, plan):
@@ -198,18 +343,19 @@ class SpargePlan:
     def check_graph(self, sites: list[tuple[str, str, dict]], graph: str = "") -> None:
         """Check a compiled graph's attention sites ``[(site id, kind, shapes), ...]`` against the
         plan: PlanMismatchError if a site in the plan has other shapes, or (strict) if the graph
-        has sites and none of them is in the plan."""
+        has sites and none of them is in the plan. Give the graph's own sizes (SymInts kept):
+        a symbolic size is compared with the plan's, which guards the graph on it."""
         for sid, kind, shapes in sites:
             entry = self.sites.get(sid)
             if entry is None or not entry.shapes:
                 continue
             sig = site_signature(kind, shapes)
-            if not any(_sig_matches(r, sig) for r in entry.shapes):
-                seen = "; ".join(_fmt_sig(r) for r in entry.shapes)
-                raise PlanMismatchError(
-                    f"sparge plan does not match this model: site {sid!r} has shapes {_fmt_sig(sig)} "
-                    f"(batch left out) but the plan was calibrated with {seen}; calibrate this model "
-                    "(or this resolution) again")
+            try:
+                ok = any(_sig_matches(r, sig) for r in entry.shapes)
+            except _Undecidable:
+                raise _shape_mismatch(sid, sig, entry.shapes, undecidable=True) from None
+            if not ok:
+                raise _shape_mismatch(sid, sig, entry.shapes)
         if not self.strict or not sites or not self.sites or any(s[0] in self.sites for s in sites):
             return
         ids = [s[0] for s in sites]
@@ -272,4 +418,4 @@ class SpargePlan:
         return self.table()
 
 
-__all__ = ["SpargePlan", "PlanSite", "PlanMismatchError", "site_signature"]
+__all__ = ["PlanFormatError", "PlanMismatchError", "PlanSite", "SpargePlan", "site_signature"]

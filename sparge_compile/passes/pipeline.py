@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import fx
 
 from ..config import SpargeConfig
 from ..plan import SpargePlan
 from . import runtime
+from .canonical import example_value
 from .graph import build_graph
 from .matcher import Site, find_sites, key_length
 from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
-
 
 _ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
 
@@ -76,6 +77,21 @@ def _plan_config(plan, site: Site, info: SiteReport, config: SpargeConfig):
                     f"got {type(choice).__name__}")
 
 
+def graph_shapes(site: Site) -> dict:
+    """A site's q/k sizes as the graph has them, symbolic sizes kept as SymInts (``site.shapes``
+    has them as strings), so that the plan's check can compare and guard on them."""
+    try:
+        if site.kind == "mha":
+            evs = {n: example_value(site.mha_args[a]) for n, a in (("q", "query"), ("k", "key"))}
+            if all(isinstance(e, torch.Tensor) for e in evs.values()):
+                return {n: tuple(e.shape) for n, e in evs.items()}
+        elif site.q is not None and site.k is not None:
+            return {"q": site.q.shape(), "k": site.k.shape()}
+    except (KeyError, TypeError, AttributeError):
+        pass
+    return site.shapes
+
+
 def _short(nk, min_len: int) -> bool:
     """nk < min_len; on a symbolic length this installs a guard (crossing it recompiles)."""
     if min_len <= 0:
@@ -95,7 +111,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
     sites = find_sites(gm, g)
     ids = assign_site_ids(sites, code)
     if isinstance(plan, SpargePlan):
-        plan.check_graph([(sid, s.kind, s.shapes) for sid, s in zip(ids, sites)], graph_name)
+        plan.check_graph([(sid, s.kind, graph_shapes(s)) for sid, s in zip(ids, sites)], graph_name)
     report = GraphReport(graph=graph_name, config=config)
     replaced: dict = {}
     for site, sid in zip(sites, ids):
