@@ -176,7 +176,8 @@ class SpargeBackend:
             log_graph_report(gr)
         else:
             log.info("sparge: graph %s has no attention site", name)
-        shield_softmax_axes(gm)   # Inductor's attention fusion misreads softmax(dim != -1)
+        if inner == "inductor":
+            shield_softmax_axes(gm)   # Inductor's attention fusion misreads softmax(dim != -1)
         return _compile_inner(inner, gm, example_inputs, mode, ind)
 
     def __getstate__(self):
