@@ -6,7 +6,8 @@
     student, losses = result                                          # or result.student, result.losses
 
 The teacher is a frozen deep copy of ``model`` taken before training (eval mode, no gradients,
-never compiled with sparge). The student is ``model`` itself (``inplace=True``, the default) or
+never compiled with sparge; a ``torch.compile``-d model is unwrapped to its original module
+first). The student is ``model`` itself (``inplace=True``, the default) or
 a deep copy of it, compiled with the sparge backend so every attention runs block-sparse. Each
 step runs both on the same batch and minimises the mean squared difference of their outputs
 (paper: AdamW, lr 1e-5, 500 steps, full-parameter).
@@ -20,15 +21,17 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +39,13 @@ from torch import Tensor, nn
 
 from .config import SpargeConfig
 
-__all__ = ["distill", "DistillResult", "DistillStep", "DistillError", "NonFiniteLossError",
-           "CHECKPOINT_NAME", "load_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "DistillError", "DistillResult", "DistillStep", "NonFiniteLossError",
+           "distill", "load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "distill_latest.pt"
+_PREV_CHECKPOINT_NAME = "distill_prev.pt"   # the checkpoint before the latest, kept on every save
 _CHECKPOINT_VERSION = 1
 _SPARSE_OP_PREFIX = "sparge::block_sparse_attention"
 
@@ -51,7 +55,8 @@ class DistillError(RuntimeError):
 
 
 class NonFiniteLossError(DistillError, FloatingPointError):
-    """The distillation loss became NaN or infinite; no update was applied for that step."""
+    """The distillation loss or its gradients became NaN or infinite; no update was applied for that
+    step and no checkpoint was written after it."""
 
 
 @dataclass
@@ -267,9 +272,13 @@ def _seed_all(seed: int) -> None:
         np.random.seed(seed % 2**32)
 
 
-def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> Path:
+def save_checkpoint_atomic(state: dict, path: str | os.PathLike,
+                           keep_previous: str | os.PathLike | None = None) -> Path:
     """torch.save ``state`` to ``path`` atomically: a temp file in the same folder, fsync, then
-    os.replace. A crash at any point leaves either the old file or the new one, never a torn one."""
+    os.replace. A crash at any point leaves either the old file or the new one, never a torn one.
+
+    keep_previous: a path in the same folder; once the new file is written, the old ``path``
+    (if any) becomes this file (a hard link, so no copy and no moment without ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -278,6 +287,8 @@ def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            _keep_copy(path, Path(keep_previous))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -292,16 +303,46 @@ def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def _keep_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a copy of ``src`` atomically: a hard link (free), or a real copy where the file
+    system has none, made under a temp name and renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _clean_stale_temps(directory: Path) -> None:
     """Temp files left by a process killed mid-save (never read; removed on the next run)."""
-    for p in directory.glob(f".{CHECKPOINT_NAME}.*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+    for name in (CHECKPOINT_NAME, _PREV_CHECKPOINT_NAME):
+        for p in directory.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a distill checkpoint (a dict: version, step, student, optimizer, rng, losses, ...)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """Read a distill checkpoint (a dict: version, step, student, optimizer, rng, losses, ...).
+
+    Raises :class:`DistillError` naming the file when it is empty, truncated or corrupt (a
+    checkpoint distill() wrote always loads with ``weights_only=True``); OSError (a missing or
+    unreadable file) passes through."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:
+        size = os.path.getsize(path)
+        what = "is empty" if size == 0 else f"is truncated or corrupt ({size} bytes)"
+        raise DistillError(f"checkpoint {path} {what}: torch.load failed with {type(e).__name__}") from e
     if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
         raise DistillError(f"{path} is not a sparge_compile.distill checkpoint (version {_CHECKPOINT_VERSION})")
     return state
@@ -386,6 +427,101 @@ def _sparse_ops_ran(fn: Callable[[], Any]) -> tuple[Any, bool]:
 
 
 # --------------------------------------------------------------------------------------------
+# The model, resuming, the update
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The original module under ``torch.compile``'s wrapper(s): a model compiled with the sparge
+    backend is sparse, and would make a sparse teacher (and compile the student twice)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        logger.info("distill: model is a torch.compile wrapper; distilling its original module")
+        model = model._orig_mod
+    return model
+
+
+def _resume(ckpt_path: Path, module: nn.Module, opt, scaler, config: SpargeConfig, settings: dict):
+    """Load ``ckpt_path`` into module/opt/scaler; returns (step, losses, rng state). Warns when the
+    checkpoint was written with another config or other ``settings`` (grad_accum, seed)."""
+    try:
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+    except DistillError as e:
+        raise _damaged_checkpoint_error(ckpt_path, e) from e
+    module.load_state_dict(state["student"])
+    opt.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    start = int(state["step"])
+    if state.get("config") not in (None, dataclasses.asdict(config)):
+        warnings.warn(f"resuming from {ckpt_path} written with config {state['config']}, "
+                      f"now {dataclasses.asdict(config)}", stacklevel=3)
+    for name, now in settings.items():
+        if name in state and state[name] != now:
+            old = state[name]
+            why = (f"this run skips {start} x {now} micro-batches of `inputs` (the checkpoint used {start} x "
+                   f"{old}) and accumulates {now} per step, so it matches an uninterrupted run with neither "
+                   "setting" if name == "grad_accum" else
+                   "the checkpoint's RNG state is restored, so the run continues the old seed's random stream; "
+                   "the new seed reaches only what draws before that (a shuffled DataLoader's order), "
+                   "which breaks an exact resume")
+            warnings.warn(f"resuming from {ckpt_path} written with {name}={old}, now {name}={now}: {why}",
+                          stacklevel=3)
+    logger.info("distill: resumed from %s at step %d", ckpt_path, start)
+    return start, list(state["losses"]), state["rng"]
+
+
+def _damaged_checkpoint_error(ckpt_path: Path, err: DistillError) -> DistillError:
+    """The error for an unreadable latest checkpoint: which file, and the ways out (never a silent
+    fall-back to the previous checkpoint, which would quietly drop the steps after it)."""
+    prev = ckpt_path.parent / _PREV_CHECKPOINT_NAME
+    if not prev.exists():
+        keep = f"There is no previous checkpoint ({prev})."
+    else:
+        try:
+            prev_step = load_checkpoint(prev, map_location="cpu")["step"]
+            keep = (f"The previous checkpoint {prev} (step {prev_step}) is intact: move it over {ckpt_path} "
+                    f"(mv {prev} {ckpt_path}) to resume from step {prev_step}.")
+        except (DistillError, OSError) as e2:
+            keep = f"The previous checkpoint {prev} cannot be read either ({e2})."
+    return DistillError(f"distill: cannot resume: {err}. {keep} To start over instead, delete {ckpt_path} "
+                        "or pass resume=False (the next checkpoint overwrites it).")
+
+
+def _grad_norm(params: list[nn.Parameter]) -> Tensor:
+    """The total 2-norm of the parameters' gradients (what clip_grad_norm_ computes)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _nonfinite_grads_error(module: nn.Module, params, norm: float, step: int, last_saved, last_saved_step):
+    ids = {id(p) for p in params}
+    bad = [n for n, p in module.named_parameters()
+           if id(p) in ids and p.grad is not None and not torch.isfinite(p.grad).all()]
+    names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    where = (f"the last good checkpoint is {last_saved} (step {last_saved_step})" if last_saved
+             else "no checkpoint was written")
+    return NonFiniteLossError(
+        f"distill: the gradients are non-finite (total grad norm {norm}) at step {step + 1} although the loss "
+        f"is finite, in {names or 'no parameter found'}; stopped before updating the weights; {where}. "
+        "Look for an op whose backward overflows (try amp_dtype=torch.bfloat16 instead of float16, or a "
+        "lower lr).")
+
+
+def _apply_update(opt, scaler, params, max_grad_norm: float | None, norm: Tensor | None) -> None:
+    """Clip (to max_grad_norm, using the total norm already computed) and step the optimizer."""
+    if scaler is not None:   # fp16: the GradScaler itself skips steps with inf/NaN gradients
+        if max_grad_norm is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        return
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+    opt.step()
+
+
+# --------------------------------------------------------------------------------------------
 # distill
 
 
@@ -401,7 +537,10 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
     """Distil the sparse student (``model`` compiled with the sparge backend) against the dense teacher.
 
     model: the dense model; it becomes the student and is trained in place (``inplace=False``
-        trains a deep copy and leaves ``model`` alone).
+        trains a deep copy and leaves ``model`` alone). A ``torch.compile``-d model (with
+        ``backend="sparge"`` or any other) is unwrapped first: the teacher copies its original
+        dense module, and ``inplace=True`` trains that module, so the compiled wrapper sees the
+        trained weights too.
     inputs: where batches come from, either a callable ``inputs(i) -> batch`` (``i`` counts
         micro-batches, ``i = step * grad_accum + micro``; deterministic per ``i`` gives exact
         resumes, e.g. :func:`flow_matching_inputs`) or an iterable of batches (re-iterated
@@ -420,12 +559,20 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
         names / name prefixes ("blocks.0.attn"), or the parameters themselves; the rest frozen.
     grad_accum: micro-batches per optimizer step (the loss is their mean).
     amp_dtype: run both models under torch.autocast with this dtype (bf16; fp16 adds a GradScaler).
-    max_grad_norm: clip the gradient norm to this before each step (None: no clipping).
+    max_grad_norm: clip the gradient norm to this before each step (None: no clipping). Either
+        way, non-finite gradients (a NaN/inf total norm) stop the run before the step (see Raises);
+        with fp16's GradScaler, which skips such steps itself, they do not.
     checkpoint_dir: where ``distill_latest.pt`` goes, written atomically every
         ``checkpoint_every`` steps, at the end, on Ctrl-C; it holds the student's weights, the
-        optimizer (and GradScaler) state, the step, the RNG states and the loss history.
+        optimizer (and GradScaler) state, the step, the RNG states and the loss history. Each
+        save keeps the checkpoint before it as ``distill_prev.pt`` (a hard link where the file
+        system allows, else a copy; room for two checkpoints plus the one being written).
     resume: continue from ``checkpoint_dir``'s checkpoint when there is one; with the same
-        seed, inputs and settings the loss curve and final weights equal an uninterrupted run's.
+        seed, inputs and settings the loss curve and final weights equal an uninterrupted run's
+        (a changed config, ``grad_accum`` or ``seed`` warns). An empty, truncated or corrupt
+        ``distill_latest.pt`` raises :class:`DistillError` naming it and the ways out (delete it,
+        ``resume=False``, or move ``distill_prev.pt`` over it, whose step the message gives);
+        distill() never falls back to the previous checkpoint by itself.
     log_every: log the loss every this many steps (logger ``sparge_compile.distill``).
     progress: show a tqdm bar with the loss.
     callback: called after every step with a :class:`DistillStep`; return True to stop early.
@@ -446,10 +593,12 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
 
     Returns a :class:`DistillResult` (``student, losses = result`` unpacks it).
     Raises :class:`DistillError` for bad inputs or a model with no attention to sparsify,
-    :class:`NonFiniteLossError` when the loss is NaN/inf (the last good checkpoint is kept).
+    :class:`NonFiniteLossError` when the loss or the gradients are NaN/inf: no optimizer step and no
+    checkpoint for that step, so the weights and the last checkpoint stay finite.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrap_compiled(model)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if grad_accum < 1:
@@ -490,16 +639,8 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale_temps(ckpt_path.parent)
         if resume and ckpt_path.exists():
-            state = load_checkpoint(ckpt_path, map_location="cpu")
-            module.load_state_dict(state["student"])
-            opt.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler") is not None:
-                scaler.load_state_dict(state["scaler"])
-            start, losses, rng_state = int(state["step"]), list(state["losses"]), state["rng"]
-            if state.get("config") not in (None, dataclasses.asdict(config)):
-                warnings.warn(f"resuming from {ckpt_path} written with config {state['config']}, "
-                              f"now {dataclasses.asdict(config)}", stacklevel=2)
-            logger.info("distill: resumed from %s at step %d", ckpt_path, start)
+            start, losses, rng_state = _resume(ckpt_path, module, opt, scaler, config,
+                                               {"grad_accum": grad_accum, "seed": seed})
     last_saved: str | None = str(ckpt_path) if ckpt_path is not None and ckpt_path.exists() else None
     last_saved_step = start if last_saved else None
 
@@ -524,7 +665,7 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
                  "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "rng": rng, "losses": list(losses), "config": dataclasses.asdict(config),
                  "seed": seed, "grad_accum": grad_accum}
-        save_checkpoint_atomic(state, ckpt_path)
+        save_checkpoint_atomic(state, ckpt_path, keep_previous=ckpt_path.parent / _PREV_CHECKPOINT_NAME)
         last_saved, last_saved_step = str(ckpt_path), step
         result.checkpoint_path = last_saved
         logger.debug("distill: checkpoint at step %d -> %s", step, ckpt_path)
@@ -550,16 +691,13 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
                                     last_saved, last_saved_step)
                 first = False
                 step_loss += value / grad_accum
+            norm = _grad_norm(params) if scaler is None else None
+            if norm is not None and not math.isfinite(float(norm)):
+                err = _nonfinite_grads_error(module, params, float(norm), step, last_saved, last_saved_step)
+                opt.zero_grad(set_to_none=True)
+                raise err
             with _sigint_deferred():
-                if max_grad_norm is not None:
-                    if scaler is not None:
-                        scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+                _apply_update(opt, scaler, params, max_grad_norm, norm)
                 step += 1
                 losses.append(step_loss)
                 result.step = step
