@@ -135,14 +135,14 @@ def test_interrupted_write_never_corrupts(tmp_path, torch_path, monkeypatch):
         sc.distill(make_model(), batch, steps=4, checkpoint_every=1, checkpoint_dir=ckdir, **FAST)
     assert path.read_bytes() == good
     assert D.load_checkpoint(path)["step"] == 2
-    assert sorted(os.listdir(ckdir)) == [D.CHECKPOINT_NAME]   # no temp file left behind
+    assert sorted(os.listdir(ckdir)) == sorted([D.CHECKPOINT_NAME, "distill_prev.pt"])   # no temp file left behind
 
     # a process killed mid-write leaves a stale temp file: it is never read, and cleaned up
     monkeypatch.setattr(torch, "save", real_save)
     (ckdir / f".{D.CHECKPOINT_NAME}.dead.tmp").write_bytes(b"garbage")
     res = sc.distill(make_model(), batch, steps=3, checkpoint_every=1, checkpoint_dir=ckdir, **FAST)
     assert res.step == 3 and len(res.losses) == 3
-    assert sorted(os.listdir(ckdir)) == [D.CHECKPOINT_NAME]
+    assert sorted(os.listdir(ckdir)) == sorted([D.CHECKPOINT_NAME, "distill_prev.pt"])
 
 
 def test_nonfinite_loss_raises_keeps_checkpoint(tmp_path, torch_path):
