@@ -23,6 +23,7 @@ from .passes import runtime
 from .passes.shield import shield_softmax_axes
 from .passes.report import GraphReport, Report, log_graph_report
 from .plan import SpargePlan
+from .validate import check_flag
 
 log = logging.getLogger("sparge_compile.backend")
 
@@ -85,15 +86,9 @@ def _apply_options(config: SpargeConfig, inner, plan, inductor_opts, options: di
         raise TypeError(f"sparge: option 'inductor' must be a dict of Inductor config patches "
                         f"(name -> value), got {type(extra).__name__}")
     if "record_masks" in options:
-        _check_flag("record_masks", options["record_masks"])
+        check_flag("sparge option 'record_masks'", options["record_masks"])
     inductor_opts = dict(inductor_opts or {}, **(extra or {}))
     return config, inner, _check_plan(plan), inductor_opts
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"sparge: option {name!r} must be True or False, got {value!r}")
-    return value
 
 
 def _check_plan(plan):
@@ -146,7 +141,7 @@ class SpargeBackend:
             raise TypeError(f"sparge: config must be a SpargeConfig, got {type(config).__name__}")
         self.config = config
         self.inner = _check_inner(inner)
-        self.record_masks = _check_flag("record_masks", record_masks)
+        self.record_masks = check_flag("sparge: record_masks", record_masks)
         self.plan = _check_plan(plan)
         self.inductor_options: dict = {}
         self.graphs: list[GraphReport] = []

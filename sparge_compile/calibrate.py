@@ -48,6 +48,7 @@ from . import reference as R
 from .config import SpargeConfig
 from .distill import _describe
 from .plan import PlanSite, SpargePlan, site_signature
+from .validate import is_real
 
 log = logging.getLogger("sparge_compile.calibrate")
 
@@ -488,10 +489,6 @@ def _run_batches(compiled, batches, cal: _Calibrator, phase: str, start: int = 0
 # Argument checks (each error names the argument: TypeError for a type, ValueError for a range)
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
@@ -502,7 +499,7 @@ def _type_error(name: str, what: str, got) -> TypeError:
 
 def _check_objective(target_sparsity, max_error) -> None:
     for name, x in (("target_sparsity", target_sparsity), ("max_error", max_error)):
-        if x is not None and not _is_real(x):
+        if x is not None and not is_real(x):
             raise _type_error(name, "a number (or None)", x)
     if (target_sparsity is None) == (max_error is None):
         raise ValueError("calibrate: give exactly one of target_sparsity and max_error")
@@ -534,7 +531,7 @@ def _grid(name: str, values) -> tuple:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise _type_error(name, "an iterable of numbers in [0, 1]", values)
     values = list(values)
-    bad = [x for x in values if not _is_real(x)]
+    bad = [x for x in values if not is_real(x)]
     if bad:
         raise TypeError(f"calibrate: {name} must hold numbers in [0, 1], got an item of type "
                         f"{type(bad[0]).__name__}: {bad[0]!r}")

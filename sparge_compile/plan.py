@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from tabulate import tabulate
 
 from .config import SpargeConfig
+from .validate import is_real
 
 FORMAT = "sparge-plan"
 VERSION = 1
@@ -158,10 +158,6 @@ _SITE_STATS = ("predicted_sparsity", "predicted_error", "measured_sparsity", "me
                "measured_max_error")
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _bad(where: str, name: str, what: str, got) -> PlanFormatError:
     return PlanFormatError(f"{where}: field {name!r} must be {what}, got {got!r}")
 
@@ -189,7 +185,7 @@ def _check_site(where: str, d) -> None:
         raise PlanFormatError(f"{where} must be an object, got {d!r}")
     for name in ("topk", "topp"):
         x = d.get(name)
-        if x is not None and not (_is_num(x) and 0.0 <= x <= 1.0):
+        if x is not None and not (is_real(x) and 0.0 <= x <= 1.0):
             raise _bad(where, name, "a number in [0, 1] or null", x)
     if (d.get("topk") is None) != (d.get("topp") is None):
         raise _bad(where, "topp" if d.get("topp") is None else "topk",
@@ -200,7 +196,7 @@ def _check_site(where: str, d) -> None:
         if not isinstance(d.get(name, ""), str):
             raise _bad(where, name, "a string", d[name])
     for name in _SITE_STATS:
-        if d.get(name) is not None and not _is_num(d[name]):
+        if d.get(name) is not None and not is_real(d[name]):
             raise _bad(where, name, "a number or null", d[name])
     _check_shapes(where, d.get("shapes", []))
 

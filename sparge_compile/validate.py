@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .config import HEAD_DIMS
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_real(x) -> bool:
+    """A real number that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_flag(name: str, value) -> bool:

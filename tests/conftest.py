@@ -30,3 +30,12 @@ def _backend_tests_use_torch_kernels(request, monkeypatch):
     op's PyTorch path, which computes the same function, so CI stays within its time budget."""
     if request.module.__name__.startswith(("test_backend", "test_bench")):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP oversubscription on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
