@@ -62,7 +62,8 @@ def test_valid_block_mask_gives_the_predicted_result():
                                sc.sparse_attention(q, k, v, config=CFG))
 
 
-def test_cpu_training_through_inductor_with_permuted_qkv_matches_eager():
+def test_cpu_training_through_inductor_with_permuted_qkv_matches_eager(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the op's PyTorch path, what CPU users run
     B, N, H, D = 2, 256, 2, 32
     w = (torch.randn(H * D, H * D) * 0.05).requires_grad_()
     x = torch.randn(B, N, H * D)
@@ -105,13 +106,16 @@ def test_nan_rows_keep_every_block_on_every_path(where, monkeypatch):
 
     ref = R.reference_block_mask(q.double(), k.double(), None, False, 0.25, 0.0, "hybrid", 16, 16)
     assert ref[0, 0, 0].all()          # the NaN row (or every row seeing the NaN key) is dense
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     dense_cpu = _mask(q, k).to_dense()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     dense_triton = _mask(q, k).to_dense()
     assert torch.equal(dense_cpu, ref) and torch.equal(dense_triton, ref)
 
 
-def test_finite_rows_of_a_nan_query_block_get_dense_attention():
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_finite_rows_of_a_nan_query_block_get_dense_attention(interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     q, k, v = _qkv(N=64)
     q[0, 0, 5, 3] = float("nan")
     out = sc.sparse_attention(q, k, v, config=CFG)
