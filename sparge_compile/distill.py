@@ -116,7 +116,7 @@ def make_student(module: nn.Module, config: SpargeConfig, inner: str | None = No
     (default on the CPU) or "eager". Returns ``(student, backend)``; ``backend.report()``
     lists every attention site, rewritten or kept dense and why.
     """
-    from .backend import backend as make_backend
+    from .compiler import backend as make_backend
 
     be = make_backend(config=config, inner=inner or _default_inner(module))
     return torch.compile(module, backend=be), be

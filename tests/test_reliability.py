@@ -3,11 +3,12 @@ import pickle
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import sparge_compile as sc
 from sparge_compile.block_mask import SpargeBlockMask
+
+from _backend_util import TinyAttention
 
 CFG = sc.SpargeConfig(topk=0.25, topp=0.0, block_q=16, block_k=16, min_seq_len=0)
 
@@ -148,20 +149,10 @@ def test_backend_object_record_masks_must_be_bool():
         sc.backend(record_masks="no")
 
 
-class _Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.o = nn.Linear(64, 192), nn.Linear(64, 64)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 64, 64))
-
-
 def test_model_compiled_with_a_backend_object_pickles():
     torch._dynamo.reset()
     be = sc.backend(config=CFG, inner="eager")
-    m = torch.compile(_Attn(), backend=be)
+    m = torch.compile(TinyAttention(), backend=be)
     x = torch.randn(1, 64, 64)
     y = m(x)
     m2 = pickle.loads(pickle.dumps(m))

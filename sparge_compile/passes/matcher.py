@@ -41,7 +41,10 @@ class Operand:
 
 
 @dataclass
-class Site:
+class AttentionMatch:
+    """One attention found in the FX graph: its anchor node, q/k/v, scale, and whether it may be
+    rewritten (with the reason when not)."""
+
     kind: str                      # "matmul-softmax" | "sdpa" | "mha"
     anchor: fx.Node                # its output is what the rewrite replaces
     spelling: str = ""
@@ -62,7 +65,7 @@ class Site:
     def name(self) -> str:
         return self.anchor.name
 
-    def dense(self, reason: str) -> "Site":
+    def dense(self, reason: str) -> "AttentionMatch":
         self.rewrite, self.reason = False, reason
         return self
 
@@ -111,7 +114,7 @@ def _is_matmul_near(g: nx.DiGraph, n, depth=3) -> bool:
     return False
 
 
-def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
+def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[AttentionMatch]:
     sites = []
     for n in gm.graph.nodes:
         c = canon(g, n)
@@ -128,7 +131,7 @@ def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
     return sites
 
 
-def _check_qkv(site: Site, gqa: bool = False) -> Site:
+def _check_qkv(site: AttentionMatch, gqa: bool = False) -> AttentionMatch:
     """Common checks on q/k/v operands (shapes in op layout (..., N, D))."""
     qs, ks, vs = site.q.shape(), site.k.shape(), site.v.shape()
     site.shapes = dict(q=_fmt(qs), k=_fmt(ks), v=_fmt(vs))
@@ -163,45 +166,39 @@ def _check_qkv(site: Site, gqa: bool = False) -> Site:
 
 
 # ---------------------------------------------------------------- hand-written softmax(QKᵀ)V
-def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
-    c_sm = canon(g, sm)
-    # walk back from the softmax to the score matmul
-    parts, chain, spell = [], [], []
-    n = c_sm.x
+def _walk_back(g: nx.DiGraph, n):
+    """From the softmax input back through scales, casts and identities: (node, chain, parts)."""
+    parts, chain = [], []
     while isinstance(n, fx.Node) and canon(g, n).kind in ("scale", "cast", "identity"):
         c = canon(g, n)
         chain.append(n)
-        spell.append(_spell(n))
         if c.kind == "scale":
             parts.append((c.args["op"], c.args["factor"]))
         n = c.x
-    if not isinstance(n, fx.Node) or canon(g, n).kind != "matmul":
-        if isinstance(n, fx.Node) and _is_matmul_near(g, n):
-            site = Site("matmul-softmax", sm, spelling=f"{_spell(n)} -> softmax")
-            return site.dense(f"scores pass through {_spell(n)} before the softmax (mask or bias)")
-        return None  # a softmax that is not attention
-    mm_s = n
-    cs = canon(g, mm_s)
-    site = Site("matmul-softmax", sm)
-    spell = [_spell(mm_s)] + spell[::-1] + [_spell(sm)]
-    site.spelling = " -> ".join(spell)
-    if c_sm.args["dim"] is None or c_sm.args["rank"] is None or c_sm.args["dim"] != c_sm.args["rank"] - 1:
-        return site.dense(f"softmax over axis {c_sm.args['dim']} of a rank-{c_sm.args['rank']} tensor, "
-                          "not the key axis")
+    return n, chain, parts
+
+
+def _scores_reason(g: nx.DiGraph, c_sm, cs, mm_s, chain) -> str | None:
+    """Why the scores feeding the softmax rule the site out (None: they do not)."""
+    dim, r = c_sm.args["dim"], c_sm.args["rank"]
+    if dim is None or r is None or dim != r - 1:
+        return f"softmax over axis {dim} of a rank-{r} tensor, not the key axis"
     if cs.args["bias"] is not None:
-        return site.dense(f"additive bias on the scores (baddbmm beta={cs.args.get('beta')})")
+        return f"additive bias on the scores (baddbmm beta={cs.args.get('beta')})"
     if cs.args["po"] is not None:
-        return site.dense("scores are permuted (einsum output not (..., q, k))")
+        return "scores are permuted (einsum output not (..., q, k))"
     for x in [mm_s] + chain:
         if not single_user(g, x):
-            return site.dense(f"scores ({x.name}) have another user outside the attention")
-    if cs.args["alpha"] is not None:
-        parts.append(("mul", cs.args["alpha"]))
-    # walk forward from the softmax to the PV matmul
+            return f"scores ({x.name}) have another user outside the attention"
+    return None
+
+
+def _walk_forward(g: nx.DiGraph, site: AttentionMatch, sm: fx.Node):
+    """From the softmax forward through casts to the P·V matmul: (matmul, casts) or (None, reason)."""
     post, n = [], sm
     while True:
         if not single_user(g, n):
-            return site.dense(f"attention probabilities ({n.name}) are used elsewhere (returned or reused)")
+            return None, f"attention probabilities ({n.name}) are used elsewhere (returned or reused)"
         u = next(iter(n.users))
         cu = canon(g, u)
         if cu.kind in ("cast", "identity") and cu.x is n:
@@ -210,27 +207,45 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
             n = u
             continue
         if cu.kind == "dropout":
-            return site.dense(f"dropout (p={cu.args.get('p')}) on the attention probabilities in training")
+            return None, f"dropout (p={cu.args.get('p')}) on the attention probabilities in training"
         if cu.kind == "matmul" and cu.args["a"] is n and cu.args["b"] is not n and cu.args["pa"] is None \
                 and cu.args["bias"] is None and cu.args["alpha"] is None:
-            mm_o = u
-            break
-        return site.dense(f"probabilities feed {_spell(u)}, not the left side of a matmul with V")
+            return u, post
+        return None, f"probabilities feed {_spell(u)}, not the left side of a matmul with V"
+
+
+def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
+    c_sm = canon(g, sm)
+    mm_s, chain, parts = _walk_back(g, c_sm.x)
+    if not isinstance(mm_s, fx.Node) or canon(g, mm_s).kind != "matmul":
+        if isinstance(mm_s, fx.Node) and _is_matmul_near(g, mm_s):
+            site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
+            return site.dense(f"scores pass through {_spell(mm_s)} before the softmax (mask or bias)")
+        return None  # a softmax that is not attention
+    cs = canon(g, mm_s)
+    site = AttentionMatch("matmul-softmax", sm)
+    site.spelling = " -> ".join([_spell(mm_s)] + [_spell(x) for x in chain[::-1]] + [_spell(sm)])
+    reason = _scores_reason(g, c_sm, cs, mm_s, chain)
+    if reason is not None:
+        return site.dense(reason)
+    if cs.args["alpha"] is not None:
+        parts.append(("mul", cs.args["alpha"]))
+    mm_o, post = _walk_forward(g, site, sm)
+    if mm_o is None:
+        return site.dense(post)
     site.spelling += f" -> {_spell(mm_o)}"
     co = canon(g, mm_o)
     site.anchor = mm_o
     a, b = cs.args["a"], cs.args["b"]
     if min(example_value(x).dim() for x in (a, b, co.args["b"])) < 3:
         return None  # a product with a weight matrix (rank 2): a softmax between matmuls, not attention
-    r = example_value(b).dim()
     site.q = Operand(a, cs.args["pa"])
     if cs.args["pb"] is None and canon(g, b).kind == "transpose":
         site.k = Operand(canon(g, b).x)
     else:
-        site.k = Operand(b, _swap_last(cs.args["pb"], r))
+        site.k = Operand(b, _swap_last(cs.args["pb"], example_value(b).dim()))
     site.v = Operand(co.args["b"], co.args["pb"])
-    site.out_perm = co.args["po"]
-    site.scale_parts = parts
+    site.out_perm, site.scale_parts = co.args["po"], parts
     site.matched = [mm_o] + post[::-1] + [sm] + chain + [mm_s]
     if example_value(mm_o).dtype != example_value(site.q.node).dtype:
         _check_qkv(site)
@@ -239,9 +254,9 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
 
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention
-def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> Site:
+def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     a = canon(g, n).args
-    site = Site("sdpa", n, spelling="scaled_dot_product_attention")
+    site = AttentionMatch("sdpa", n, spelling="scaled_dot_product_attention")
     site.q, site.k, site.v = Operand(a["query"]), Operand(a["key"]), Operand(a["value"])
     site = _check_qkv(site, gqa=a["enable_gqa"] is True)
     if a["attn_mask"] is not None:
@@ -265,9 +280,9 @@ def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> Site:
 
 
 # ---------------------------------------------------------------- nn.MultiheadAttention
-def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
+def _match_mha(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     a = canon(g, n).args
-    site = Site("mha", n, spelling="multi_head_attention_forward")
+    site = AttentionMatch("mha", n, spelling="multi_head_attention_forward")
     site.mha_args = a
     q, k = a["query"], a["key"]
     evq, evk = example_value(q), example_value(k)
@@ -304,7 +319,7 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
     return site
 
 
-def key_length(site: Site):
+def key_length(site: AttentionMatch):
     if site.kind == "mha":
         return example_value(site.mha_args["key"]).shape[0]
     return site.k.shape()[-2]
