@@ -187,11 +187,12 @@ def site_capture_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_caus
 
 def mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
                 out_proj_bias, use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight,
-                block_q: int, block_k: int, site: str, capture: bool = False):
+                block_q: int, block_k: int, site: str, capture: bool = False, is_causal: bool = False):
     """``F.multi_head_attention_forward`` for the plain case (no masks, no bias_k/v, no dropout).
 
     query (L, N, E) or (L, E); returns (attn_output, None) like the original with weights unused.
     capture: the calibration stand-in (dense attention, q/k/v captured).
+    is_causal: causal attention (the site's attn_mask came with PyTorch's is_causal=True promise).
     """
     unbatched = query.dim() == 2
     if unbatched:
@@ -211,7 +212,7 @@ def mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_
     k = k.view(src_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     v = v.view(src_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     attend = site_capture_attention if capture else site_attention
-    out = attend(q, k, v, [("mul", None)], False, block_q, block_k, site, in_proj_weight
+    out = attend(q, k, v, [("mul", None)], is_causal, block_q, block_k, site, in_proj_weight
                  if in_proj_weight is not None else q_proj_weight)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, embed_dim)

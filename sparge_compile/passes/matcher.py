@@ -23,6 +23,7 @@ from torch import fx
 from ..config import HEAD_DIMS
 from .canonical import example_value
 from .graph import canon, single_user
+from .mask_proof import CAUSAL, additive_mask, prove_mask
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -124,6 +125,8 @@ def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[AttentionMatch]:
             s = _match_sdpa(g, n)
         elif c.kind == "mha":
             s = _match_mha(g, n)
+        elif n.op == "call_function" and n.target in FAST_PATHS:
+            s = _fast_path(n)
         else:
             continue
         if s is not None:
@@ -217,6 +220,16 @@ def _walk_forward(g: nx.DiGraph, site: AttentionMatch, sm: fx.Node):
 def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
     c_sm = canon(g, sm)
     mm_s, chain, parts = _walk_back(g, c_sm.x)
+    proof, why = None, ""
+    masked = additive_mask(mm_s) if isinstance(mm_s, fx.Node) else None
+    if masked is not None:   # scores + where(cond, 0, -big): a mask, which may be proved causal
+        proof, why = _prove_scores_mask(masked[1], mm_s)
+        if proof is None:
+            site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
+            return site.dense(f"scores pass through {_spell(mm_s)} before the softmax: {why}")
+        add = mm_s
+        mm_s, chain2, parts2 = _walk_back(g, masked[0])
+        chain, parts = chain + [add] + chain2, parts + parts2
     if not isinstance(mm_s, fx.Node) or canon(g, mm_s).kind != "matmul":
         if isinstance(mm_s, fx.Node) and _is_matmul_near(g, mm_s):
             site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
@@ -247,10 +260,22 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
     site.v = Operand(co.args["b"], co.args["pb"])
     site.out_perm, site.scale_parts = co.args["po"], parts
     site.matched = [mm_o] + post[::-1] + [sm] + chain + [mm_s]
+    site.is_causal = proof == CAUSAL
     if example_value(mm_o).dtype != example_value(site.q.node).dtype:
         _check_qkv(site)
         return site.dense(f"output dtype {example_value(mm_o).dtype} differs from q's")
-    return _check_qkv(site)
+    site = _check_qkv(site)
+    if proof is not None and site.rewrite:
+        site.reason = f"rewritten ({why})"
+    return site
+
+
+def _prove_scores_mask(cond: fx.Node, scores: fx.Node):
+    ev = example_value(scores)
+    if not isinstance(ev, torch.Tensor) or ev.dim() < 2:
+        return None, "mask or bias"
+    proof, why = prove_mask(cond, ev.shape[-2], ev.shape[-1])
+    return proof, why.replace("attn_mask", "the additive mask")
 
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention
@@ -259,8 +284,11 @@ def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     site = AttentionMatch("sdpa", n, spelling="scaled_dot_product_attention")
     site.q, site.k, site.v = Operand(a["query"]), Operand(a["key"]), Operand(a["value"])
     site = _check_qkv(site, gqa=a["enable_gqa"] is True)
+    proof = None
     if a["attn_mask"] is not None:
-        return site.dense("attn_mask given (a mask or additive bias)")
+        proof, why = _prove(a["attn_mask"], site)
+        if proof is None:
+            return site.dense(why)
     p = a["dropout_p"]
     if not isinstance(p, (int, float)):
         return site.dense("dropout_p is not a constant")
@@ -270,13 +298,23 @@ def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
         return site.dense("is_causal is not a constant")
     if not isinstance(a["enable_gqa"], bool):
         return site.dense("enable_gqa is not a constant")
-    site.is_causal = a["is_causal"]
+    site.is_causal = a["is_causal"] or proof == CAUSAL
     sc = a["scale"]
     if sc is not None and not (isinstance(sc, (int, float)) or
                                (isinstance(sc, fx.Node) and not isinstance(example_value(sc), torch.Tensor))):
         return site.dense("scale is not a number")
     site.scale_parts = [("mul", sc)]
+    if proof is not None and site.rewrite:
+        site.reason = f"rewritten ({why})"
     return site
+
+
+def _prove(mask: fx.Node, site: AttentionMatch):
+    """A mask built in the graph proved causal or all true (see :mod:`.mask_proof`)."""
+    evq, evk = example_value(site.q.node), example_value(site.k.node)
+    if not (isinstance(evq, torch.Tensor) and isinstance(evk, torch.Tensor)):
+        return None, "attn_mask given (q/k shapes unknown)"
+    return prove_mask(mask, evq.shape[-2], evk.shape[-2])
 
 
 # ---------------------------------------------------------------- nn.MultiheadAttention
@@ -294,14 +332,18 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
         if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and \
                 not (u.op == "call_function" and u.target is operator.getitem and not u.users):
             return site.dense("the attention weights are used (need_weights)")
-    if a["key_padding_mask"] is not None or a["attn_mask"] is not None:
-        return site.dense("attn_mask / key_padding_mask given")
+    if a["key_padding_mask"] is not None:
+        return site.dense("key_padding_mask given (not supported yet)")
+    if a["attn_mask"] is not None:
+        if a["is_causal"] is not True:
+            return site.dense("attn_mask given without is_causal=True")
+        site.is_causal = True   # PyTorch's documented promise: the mask is causal
     if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
         return site.dense("bias_k / bias_v / add_zero_attn")
     if a["static_k"] is not None or a["static_v"] is not None:
         return site.dense("static_k / static_v")
-    if a["is_causal"] is not False:
-        return site.dense("is_causal hint (needs attn_mask)")
+    if a["is_causal"] is not False and a["attn_mask"] is None:
+        return site.dense("is_causal hint without attn_mask")
     if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["training"], bool):
         return site.dense("dropout / training not constant")
     if a["training"] and a["dropout_p"] > 0:
@@ -315,8 +357,20 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
         return site.dense(f"head dim {e / num_heads:g} unsupported (supported: {HEAD_DIMS})")
     if not isinstance(E, int) or E != e:
         return site.dense("embed_dim mismatch")
-    site.rewrite, site.reason = True, "rewritten"
+    site.rewrite = True
+    site.reason = "rewritten (is_causal=True: the mask is causal)" if site.is_causal else "rewritten"
     return site
+
+
+FAST_PATHS = {torch._transformer_encoder_layer_fwd: "TransformerEncoderLayer",
+              torch._native_multi_head_attention: "MultiheadAttention"}
+
+
+def _fast_path(n: fx.Node) -> AttentionMatch:
+    """PyTorch's fused inference kernels (eval, no grad): reported, kept dense."""
+    site = AttentionMatch("fastpath", n, spelling=n.target.__name__)
+    return site.dense(f"{FAST_PATHS[n.target]} fast path (eval, no grad): call "
+                      "torch.backends.mha.set_fastpath_enabled(False) before compiling to run it sparse")
 
 
 def key_length(site: AttentionMatch):

@@ -38,7 +38,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
                 a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
                 a["out_proj_weight"], a["out_proj_bias"], a["use_separate_proj_weight"], a["q_proj_weight"],
                 a["k_proj_weight"], a["v_proj_weight"], config.block_q, config.block_k, key)),
-                {"capture": True} if capture else None)
+                {"capture": capture, "is_causal": site.is_causal})
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
             fn = site_ops.site_capture_attention if capture else site_ops.site_attention
