@@ -7,8 +7,8 @@ Dense settings (topk=1.0: every block kept): every parameter's gradient equals t
 That the sites really were rewritten is counted independently of the backend's report: eager
 SDPA calls under a TorchFunctionMode, and the sparse kernels the compiled model runs (the
 functions ``sparge::block_sparse_attention`` and its backward dispatch to, wrapped). Then, with
-the same compiled graph at sparse settings (topk/topp are run-time values), the output equals
-the eager model with the same masks.
+the same compiled graph at sparse settings (topk/topp are run-time values), output and gradients
+equal the eager model's with the same masks.
 """
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def _train_step_matches_eager(calls, model, n_sites, inputs, outs):
     _loss(ref_out).backward()
     assert counted.calls == n_sites
     ref = _grads(model)
+    assert all(g is not None for g in ref.values())   # every parameter is on the loss's path
     model.zero_grad(set_to_none=True)
 
     compiled = torch.compile(model, backend="sparge", options=DENSE)
