@@ -327,7 +327,7 @@ def _materialize(inputs, batches, device) -> list:
         n = 4 if batches is None else int(batches)
         out = [_call_inputs(inputs, i) for i in range(n)]
     else:
-        if isinstance(inputs, (Tensor, dict)):
+        if isinstance(inputs, (Tensor, dict)) or not hasattr(inputs, "__iter__"):
             raise CalibrationError("inputs must be a list of batches or a callable(i) -> batch; wrap a "
                                    "single batch as [batch]")
         out = []
