@@ -120,19 +120,23 @@ def test_mask_given_as_data_stays_dense():
 def _hf(name, impl):
     allow_broken_torchvision()
     tr = pytest.importorskip("transformers")
-    cfg_cls, model_cls = {"llama": (tr.LlamaConfig, tr.LlamaModel), "qwen2": (tr.Qwen2Config, tr.Qwen2Model),
-                          "mistral": (tr.MistralConfig, tr.MistralModel)}[name]
-    cfg = cfg_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    if name == "gpt2":
+        cfg = tr.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=2, n_positions=256)
+        model_cls = tr.GPT2Model
+    else:
+        cfg_cls, model_cls = {"llama": (tr.LlamaConfig, tr.LlamaModel), "qwen2": (tr.Qwen2Config, tr.Qwen2Model),
+                              "mistral": (tr.MistralConfig, tr.MistralModel)}[name]
+        cfg = cfg_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     cfg._attn_implementation = impl
     torch.manual_seed(0)
     return model_cls(cfg).eval()
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2"])
 def test_hf_decoder_causal_sites_rewritten(name, impl):
-    """GQA decoders: transformers builds the causal mask in the graph; every site is rewritten and
+    """Decoders (Llama/Qwen2/Mistral with GQA, GPT2): transformers builds the causal mask in the graph; every site is rewritten and
     the output at dense settings equals eager."""
     model = _hf(name, impl)
     ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(0))
