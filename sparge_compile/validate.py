@@ -3,17 +3,33 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import torch
 
-from .config import HEAD_DIMS
-
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (32, 64, 96, 128, 256)   # the head dims the kernels support
 
 
 def is_real(x) -> bool:
     """A real number that is not a bool (True would otherwise pass as 1)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_int(name: str, value, low: int) -> int:
+    """An int argument >= low: TypeError for another type, ValueError below ``low``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_flag(name: str, value) -> bool:
@@ -125,3 +141,12 @@ def check_block_mask(m, q: torch.Tensor, k: torch.Tensor) -> None:
     if m._checked != stamp:
         _mask_values_ok(m.kv_num_blocks, m.kv_indices)
         m._checked = stamp
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointed at the user's line: the first caller outside this package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
