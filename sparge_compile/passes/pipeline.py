@@ -105,7 +105,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
 
     code: the code object Dynamo compiled (names the sites of a graph after a graph break).
     capture: rewrite qualifying sites to the calibration capture op (dense attention that
-    reports its q, k, v to :mod:`sparge_compile.calibrate`) instead of the sparse op.
+    reports its q, k, v to :mod:`sparge_compile.calibration`) instead of the sparse op.
     """
     g = build_graph(gm)
     sites = find_sites(gm, g)
