@@ -117,3 +117,25 @@ def test_calibrate_config_gives_the_same_plan_as_keywords():
         by_cfg = sc.calibrate(make_model(), data, config=CFG, calibrate_config=sc.CalibrateConfig(**kw))
     assert {s: p.to_dict() for s, p in by_cfg.sites.items()} == {s: p.to_dict() for s, p in by_kw.sites.items()}
     assert by_kw.summary["calibrated"] == 1 and by_kw.summary["grid"] == [3, 1]   # mode "topk": no top-p axis
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+def test_distill_amp_and_resume_on_cuda(tmp_path, amp):
+    """The CUDA-only paths: autocast, fp16's GradScaler (clipping through unscale_), inductor as the
+    inner compiler, and a resumed run continuing the first one's loss history."""
+    def model():
+        torch.manual_seed(0)
+        return Tiny(dim=64).cuda()
+
+    x = (torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(0)),)
+
+    def data(i):   # one batch: the loss falls step by step
+        return x
+
+    cfg = CFG.replace(block_q=64, block_k=64)
+    kw = {"lr": 1e-3, "amp_dtype": amp, "max_grad_norm": 1.0, "progress": False}
+    part = sc.distill(model(), data, steps=2, config=cfg, checkpoint_dir=tmp_path, **kw)
+    res = sc.distill(model(), data, config=cfg, distill_config=sc.DistillConfig(steps=4, checkpoint_dir=tmp_path, **kw))
+    assert res.step == 4 and res.losses[:2] == part.losses
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.losses[-1] < 0.9 * res.losses[0], res.losses
