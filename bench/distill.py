@@ -39,7 +39,7 @@ if __package__ in (None, ""):   # python bench/distill.py
 
 import sparge_compile as sc  # noqa: E402
 from bench import common as C  # noqa: E402
-from sparge_compile.distill import make_student  # noqa: E402
+from sparge_compile.distillation import make_student  # noqa: E402
 from sparge_compile.models import DiT  # noqa: E402
 
 NUM_CLASSES = 3

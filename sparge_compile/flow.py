@@ -1,4 +1,4 @@
-"""Flow-matching helpers for distilling a diffusion model: timesteps, noised inputs, Euler sampling.
+"""Flow-matching helpers for distilling a diffusion model with :func:`sparge_compile.distill`.
 
 Convention (rectified flow, as in SD3 / Wan): ``x_t = (1 - t) * x0 + t * eps``, so ``t = 0`` is
 data and ``t = 1`` is pure noise; the model predicts the velocity ``v = dx_t/dt = eps - x0``.
@@ -14,12 +14,15 @@ train with), optionally moved towards noise with the SD3/Wan shift ``t' = s t / 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["logit_normal_timesteps", "add_noise", "flow_matching_inputs", "euler_sample"]
+from .batches import map_tensors, module_device
+
+__all__ = ["add_noise", "euler_sample", "flow_matching_inputs", "logit_normal_timesteps"]
 
 
 def logit_normal_timesteps(n: int, *, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
@@ -47,17 +50,15 @@ def add_noise(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     return (1 - t) * x0 + t * noise
 
 
+def _bad_cond(x: Any):
+    raise TypeError(f"cond must be a tensor, a tuple/list/dict of tensors or None, got {type(x).__name__}")
+
+
 def _index(x: Any, idx: Tensor) -> Any:
     """Select rows ``idx`` of a tensor, or of every tensor in a tuple/list/dict (None stays None)."""
     if x is None:
         return None
-    if isinstance(x, Tensor):
-        return x[idx.to(x.device)]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_index(v, idx) for v in x)
-    if isinstance(x, dict):
-        return {k: _index(v, idx) for k, v in x.items()}
-    raise TypeError(f"cond must be a tensor, a tuple/list/dict of tensors or None, got {type(x).__name__}")
+    return map_tensors(x, lambda t: t[idx.to(t.device)], leaf=_bad_cond)
 
 
 def flow_matching_inputs(latents: Tensor | None = None, cond: Any = None, batch_size: int = 4, *,
@@ -120,21 +121,16 @@ def flow_matching_inputs(latents: Tensor | None = None, cond: Any = None, batch_
     return draw
 
 
-def _teacher_samples(teacher, cond, noise_shape, num_samples, steps, timestep_scale, seed, device):
+def _teacher_samples(teacher, cond, noise_shape, num_samples, sample_steps, timestep_scale, seed, device):
     """x0 for flow_matching_inputs(teacher=...): the teacher's samples from seeded noise."""
     if noise_shape is None or num_samples is None:
         raise ValueError("teacher= needs noise_shape= (one sample's shape) and num_samples=")
-    dev = device if device is not None else _module_device(teacher)
+    if device is None:
+        device = (module_device(teacher) if isinstance(teacher, nn.Module) else None) or torch.device("cpu")
     gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
-    noise = torch.randn((num_samples, *noise_shape), generator=gen).to(dev)
+    noise = torch.randn((num_samples, *noise_shape), generator=gen).to(device)
     c = _index(cond, torch.arange(num_samples)) if cond is not None else None
-    return euler_sample(teacher, noise, c, steps=steps, timestep_scale=timestep_scale)
-
-
-def _module_device(m) -> torch.device:
-    for p in getattr(m, "parameters", lambda: iter(()))():
-        return p.device
-    return torch.device("cpu")
+    return euler_sample(teacher, noise, c, steps=sample_steps, timestep_scale=timestep_scale)
 
 
 def _call(model: Callable, x: Tensor, t: Tensor, cond: Any) -> Tensor:

@@ -3,17 +3,37 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import torch
 
-from .config import HEAD_DIMS, _is_pow2
-
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (32, 64, 96, 128, 256)   # the head dims the kernels support
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
 
 
 def is_real(x) -> bool:
     """A real number that is not a bool (True would otherwise pass as 1)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_int(name: str, value, low: int) -> int:
+    """An int argument >= low: TypeError for another type, ValueError below ``low``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_flag(name: str, value) -> bool:
@@ -129,44 +149,26 @@ def check_block_mask(m, q: torch.Tensor, k: torch.Tensor) -> None:
         m._checked = stamp
 
 
-def _check_int(name: str, x, low: int) -> None:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int >= {low}, got {x!r}")
-    if x < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
-
-
 def _check_optional(name: str, x, ok: bool, what: str) -> None:
     if x is not None and not ok:
         raise TypeError(f"{name} must be None or {what}, got {type(x).__name__}: {x!r}")
 
 
-def check_distill_args(*, lr, grad_accum, checkpoint_every, log_every, max_grad_norm, amp_dtype, seed,
-                       trainable, teacher, checkpoint_dir, callback, compile_fn, flags: dict) -> None:
-    """distill()'s argument types and ranges, before anything is copied, compiled or run."""
-    import os
-
+def check_distill_objects(*, trainable, teacher, callback, compile_fn) -> None:
+    """distill()'s object arguments (its settings are checked by DistillConfig), before anything runs."""
     from torch import nn
 
-    if not is_real(lr):
-        raise TypeError(f"lr must be a number, got {type(lr).__name__}: {lr!r}")
-    if not (0.0 <= lr < math.inf):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    for name, x in (("grad_accum", grad_accum), ("checkpoint_every", checkpoint_every),
-                    ("log_every", log_every)):
-        _check_int(name, x, 1)
-    _check_optional("max_grad_norm", max_grad_norm, is_real(max_grad_norm), "a number > 0")
-    if max_grad_norm is not None and not (0.0 < max_grad_norm < math.inf):
-        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
-    _check_optional("amp_dtype", amp_dtype, amp_dtype in (torch.float16, torch.bfloat16),
-                    "torch.bfloat16 or torch.float16")
-    _check_optional("seed", seed, isinstance(seed, int) and not isinstance(seed, bool), "an int")
     _check_optional("trainable", trainable, callable(trainable) or hasattr(trainable, "__iter__"),
                     "a callable(name, param) -> bool, parameter-name prefixes or parameters")
     _check_optional("teacher", teacher, isinstance(teacher, nn.Module), "a torch.nn.Module")
-    _check_optional("checkpoint_dir", checkpoint_dir, isinstance(checkpoint_dir, (str, os.PathLike)),
-                    "a directory path (str or os.PathLike)")
     _check_optional("callback", callback, callable(callback), "a callable(DistillStep)")
     _check_optional("compile_fn", compile_fn, callable(compile_fn), "a callable(module, config)")
-    for name, value in flags.items():
-        check_flag(name, value)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointed at the user's line: the first caller outside this package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -222,7 +222,7 @@ def test_site_tables_are_exact(causal, shape):
     import itertools
 
     from sparge_compile import reference as R
-    from sparge_compile.calibrate import site_tables
+    from sparge_compile.calibration import site_tables
 
     B, Hq, Hkv, Nq, Nk, D = shape
     g = torch.Generator().manual_seed(1)
@@ -248,7 +248,7 @@ def test_allocation_meets_budget_with_least_error():
 
     import numpy as np
 
-    from sparge_compile.calibrate import allocate
+    from sparge_compile.calibration import allocate
 
     rng = np.random.default_rng(0)
     for _ in range(20):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparge_compile as sc
-import sparge_compile.distill  # noqa: F401  (the module; sc.distill is the function)
-
-D = sys.modules["sparge_compile.distill"]
+import sparge_compile.distillation as D
 
 CFG = sc.SpargeConfig(topk=0.25, topp=0.5, block_q=16, block_k=16, mode="topk", min_seq_len=0)
 N_TOK = 64

@@ -3,7 +3,6 @@ changed settings on resume (CPU, the ops' PyTorch path, the backend's "eager" in
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -11,9 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparge_compile as sc
-import sparge_compile.distill  # the module (sc.distill is the function)
-
-D = sys.modules["sparge_compile.distill"]
+import sparge_compile.distillation as D
 
 OPTS = {"topk": 0.25, "topp": 0.0, "block_q": 16, "block_k": 16, "min_seq_len": 0}
 CFG = sc.SpargeConfig(**OPTS)

@@ -6,6 +6,8 @@ Runs the op's PyTorch path (TRITON_INTERPRET=0), like the backend tests.
 """
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,19 @@ def test_calibrate_rejected_first_batch_from_callable_names_its_index():
     with pytest.raises(sc.CalibrationError, match=r"batch 0 .*same reduction dim") as info, torch.no_grad():
         sc.calibrate(model, lambda i: (torch.randn(1, 128, 8),), batches=2, target_sparsity=0.5, config=CFG)
     assert info.value.__cause__ is not None
+
+
+def test_calibrate_takes_namedtuple_batches():
+    """A namedtuple batch is called as model(*batch) like a tuple (moving it to the model's device
+    once rebuilt it from a generator, which a namedtuple does not take)."""
+    Batch = collections.namedtuple("Batch", "x")
+    data = [batch(128, seed=0), batch(128, seed=1)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = sc.calibrate(make_model(), data, target_sparsity=0.5, config=CFG)
+        got = sc.calibrate(make_model(), [Batch(*b) for b in data], target_sparsity=0.5, config=CFG)
+    assert got.summary["calibrated"] == 1
+    assert {s: p.to_dict() for s, p in got.sites.items()} == {s: p.to_dict() for s, p in want.sites.items()}
 
 
 # ------------------------------------------------------------------ 3. loading a saved plan

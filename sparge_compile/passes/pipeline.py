@@ -83,7 +83,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
 
     code: the code object Dynamo compiled (names the sites of a graph after a graph break).
     capture: rewrite qualifying sites to the calibration capture op (dense attention that
-    reports its q, k, v to :mod:`sparge_compile.calibrate`) instead of the sparse op.
+    reports its q, k, v to :mod:`sparge_compile.calibration`) instead of the sparse op.
     plan: a plan as :func:`sparge_compile.plan.resolve_plan` returns it.
     owner: a placeholder holding a parameter of the compiled model (see ``explain``).
     Each rewritten site's :class:`~sparge_compile.site_ops.SiteState` is held by its SiteReport.
