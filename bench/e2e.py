@@ -15,116 +15,55 @@ below min_seq_len, so it stays dense). Measured:
 
 A missing or failing backend records its error and the rest still runs.
 
-    python -m bench.e2e --out results                   # 90/95/97%, forward and training
-    python -m bench.e2e --sparsities 95 --no-train --out results
-    python -m bench.e2e --quick --out /tmp/b
-    python -m bench.e2e --e2e-grid 8,16,32 --no-train --mode reduce-overhead --out r   # CUDA graphs
+    python -m bench e2e --out results                   # 90/95/97%, forward and training
+    python -m bench e2e --sparsities 95 --no-train --out results
+    python -m bench e2e --quick --out /tmp/b
+    python -m bench e2e --e2e-grid 8,16,32 --no-train --mode reduce-overhead --out r   # CUDA graphs
+
+The model is :class:`bench.models.WanStack`.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/e2e.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bench import common as C
-from bench.accuracy import apply_rope, rope_3d
+from bench import data
+from bench import output as O
+from bench.models import WanStack
 
 FULL_SPARSITIES = [0.9, 0.95, 0.97]
 QUICK_SPARSITIES = [0.9]
 
 
 # --------------------------------------------------------------------------------------------
-# The model
-
-
-class WanBlock(nn.Module):
-    """Self-attention (3-D RoPE) + cross-attention + FFN with adaLN modulation, as in Wan2.1."""
-
-    def __init__(self, dim: int, heads: int, ffn: int, grid: tuple[int, int, int]):
-        super().__init__()
-        self.heads, self.grid = heads, grid
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(dim, eps=1e-6)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
-        self.cq = nn.Linear(dim, dim)
-        self.ckv = nn.Linear(dim, 2 * dim)
-        self.co = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
-
-    def _heads(self, x):
-        B, N, Cc = x.shape
-        return x.view(B, N, self.heads, Cc // self.heads).transpose(1, 2)
-
-    def forward(self, x, e, ctx, rope=None):
-        """rope: precomputed (cos, sin) of :func:`bench.accuracy.rope_tables` (else built here)."""
-        B, N, Cc = x.shape
-        s1, g1, a1, s2, g2, a2 = (self.modulation + e).chunk(6, dim=1)
-        h = self.norm1(x) * (1 + g1) + s1
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        if rope is None:
-            q = rope_3d(self._heads(self.norm_q(q)), *self.grid).to(x.dtype)
-            k = rope_3d(self._heads(self.norm_k(k)), *self.grid).to(x.dtype)
-        else:
-            q = apply_rope(self._heads(self.norm_q(q)), *rope).to(x.dtype)
-            k = apply_rope(self._heads(self.norm_k(k)), *rope).to(x.dtype)
-        a = F.scaled_dot_product_attention(q, k, self._heads(v))
-        x = x + a1 * self.o(a.transpose(1, 2).reshape(B, N, Cc))
-        cq = self._heads(self.cq(self.norm3(x)))
-        ck, cv = (self._heads(t) for t in self.ckv(ctx).chunk(2, dim=-1))
-        c = F.scaled_dot_product_attention(cq, ck, cv)
-        x = x + self.co(c.transpose(1, 2).reshape(B, N, Cc))
-        return x + a2 * self.ffn(self.norm2(x) * (1 + g2) + s2)
-
-
-class WanStack(nn.Module):
-    def __init__(self, dim=1536, heads=12, ffn=8960, depth=4, grid=(21, 30, 52)):
-        super().__init__()
-        self.blocks = nn.ModuleList(WanBlock(dim, heads, ffn, grid) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, dim)
-
-    def forward(self, x, e, ctx):
-        for b in self.blocks:
-            x = b(x, e, ctx)
-        return self.head(self.norm(x))
+# Compiling
 
 
 def compile_blocks(model: WanStack, backend: str, options: dict | None, mode: str | None = None) -> None:
     """Compile every block in place (regional compilation), replacing any earlier compile.
     backend "none": leave the blocks eager (the --quick dense baseline: no compile time).
-    mode: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs); torch.compile takes mode or
-    options, not both, so with a mode the sparge options become a configured backend object."""
+    mode: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs)."""
     torch._dynamo.reset()
     for b in model.blocks:
         b._compiled_call_impl = None  # back to eager first: a failing compile leaves no stale one
     if backend == "none":
         return
-    if backend == "sparge" and "sparge" not in torch._dynamo.list_backends(exclude_tags=()):
-        # not pip-installed (e.g. PYTHONPATH=. on a bare machine): no entry point, same function
-        from sparge_compile.backend import sparge_backend as backend
-    kw = dict(backend=backend, options=options or None)
-    if mode:
-        kw = dict(backend=backend, mode=mode)
-        if backend == "sparge" or callable(backend):
-            import sparge_compile as sc
+    kw = dict(backend=backend, mode=mode) if mode else dict(backend=backend, options=options or None)
+    if backend == "sparge":
+        # this checkout's backend object, not the "sparge" entry point (which may be another
+        # installed version); the options become its config (torch.compile takes mode or options)
+        import sparge_compile as sc
 
-            opts = dict(options or {})
-            inner = opts.pop("inner", "inductor")
-            kw["backend"] = sc.backend(config=sc.SpargeConfig(**opts), inner=inner,
-                                       record_masks=mode != "reduce-overhead")
+        opts = dict(options or {})
+        inner = opts.pop("inner", "inductor")
+        kw["backend"] = sc.backend(config=sc.SpargeConfig(**opts), inner=inner,
+                                   record_masks=mode != "reduce-overhead")
+        kw.pop("options", None)
     for b in model.blocks:
         b.compile(**kw)
 
@@ -199,9 +138,9 @@ def attention_alone(B, H, N, D, device, dtype, timing, train: bool, errors: dict
     """Self-attention alone on the block's shape: dense SDPA, or sparge (prediction included)."""
     import sparge_compile as sc
 
-    q, k, v = C.random_qkv(B, H, N, D, device, dtype, seed=11)
+    q, k, v = data.random_qkv(B, H, N, D, device, dtype, seed=11)
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    dout = C.randn((B, H, N, D), device, dtype, seed=12)
+    dout = data.randn((B, H, N, D), device, dtype, seed=12)
     name = "dense" if config is None else "sparge"
 
     def attn(q_, k_, v_):
@@ -264,9 +203,9 @@ def markdown(result: dict) -> list[tuple[str, str]]:
             f"tokens, {a['dtype']}, batch {a['B']}; blocks compiled with {a['dense_backend']!r} (dense) "
             "and 'sparge'. Attention share: self-attention alone x blocks / step.\n\n")
     rows = result["rows"]
-    secs = [("Forward (inference step)", note + C.table(rows, FWD_COLUMNS))]
+    secs = [("Forward (inference step)", note + O.table(rows, FWD_COLUMNS))]
     if a.get("train"):
-        secs.append(("Forward + backward (training step, no optimizer)", C.table(rows, TRAIN_COLUMNS)))
+        secs.append(("Forward + backward (training step, no optimizer)", O.table(rows, TRAIN_COLUMNS)))
     rep = next((r["report"]["table"] for r in rows if (r.get("report") or {}).get("table")), None)
     if rep:
         secs.append(("The backend's report (first sparge variant)", "```\n" + rep + "\n```"))
@@ -276,7 +215,7 @@ def markdown(result: dict) -> list[tuple[str, str]]:
 
 
 def plot(result: dict, path: Path):
-    plt = C.plt()
+    plt = O.plt()
     rows = [r for r in result["rows"] if r["variant"] != "dense"]
     if plt is None or not result["rows"]:
         return None
@@ -299,20 +238,13 @@ def plot(result: dict, path: Path):
             ax.legend(fontsize=8, loc="upper left")
         ax.set_title(f"step time, {title}")
         ax.set_ylabel("ms")
-    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
+    return O.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
     """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
-    out = Path(out)
-    files = {"json": str(C.write_json(out / "e2e.json", result))}
-    files["md"] = str(C.write_markdown(out / "e2e.md", "End-to-end: Wan2.1-1.3B-sized DiT stack",
-                                       markdown(result), result["env"], result.get("command")))
-    png = plots and C.guarded(lambda: plot(result, out / "e2e.png"),
-                              result.setdefault("report_errors", {}), "plot")
-    if png:
-        files["png"] = str(png)
-    return files
+    return O.write_result(out, "e2e", "End-to-end: Wan2.1-1.3B-sized DiT stack", result, markdown(result),
+                          plot if plots else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,9 +269,10 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
                    help="sparge min_seq_len (default 1024: the 512-token cross-attention stays dense)")
 
 
-def run(args, out: Path | None = None) -> dict:
+def run(args) -> dict:
     from sparge_compile import SpargeConfig
 
+    out = Path(args.out)
     quick = bool(getattr(args, "quick", False))
     device = C.pick_device(quick)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -359,7 +292,7 @@ def run(args, out: Path | None = None) -> dict:
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024)
     timing = dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False)
     C.bump_dynamo_cache()
-    result = {"benchmark": "e2e", "env": C.environment(device), "command": C.command_line(),
+    result = {"benchmark": "e2e", "env": C.environment(device), "command": O.command_line(),
               "args": dict(dim=dim, heads=heads, ffn=ffn, depth=depth, grid=list(grid), tokens=N,
                            text_len=text_len, dtype=str(dtype).replace("torch.", ""), B=1, train=train,
                            sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner,
@@ -372,8 +305,8 @@ def run(args, out: Path | None = None) -> dict:
         model = WanStack(dim, heads, ffn, depth, grid).to(device=device, dtype=dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        inputs = (C.randn((1, N, dim), device, dtype, seed=1), C.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
-                  C.randn((1, text_len, dim), device, dtype, seed=3))
+        inputs = (data.randn((1, N, dim), device, dtype, seed=1), data.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
+                  data.randn((1, text_len, dim), device, dtype, seed=3))
 
         dense, ref = {}, None
         if not getattr(args, "no_dense", False):
@@ -385,8 +318,7 @@ def run(args, out: Path | None = None) -> dict:
             att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
             dense = _row("dense", None, res, att, depth, errors)
             result["rows"].append(dense)
-            if out is not None:
-                write(result, out, plots=False)
+            write(result, out, plots=False)
 
         for s in sparsities:
             print(f"[e2e] sparge at {100 * s:g}%", flush=True)
@@ -420,12 +352,10 @@ def run(args, out: Path | None = None) -> dict:
             row["speedup_train"] = C.ratio(dense.get("train_ms"), row.get("train_ms"))
             result["rows"].append(row)
             result["seconds"] = time.perf_counter() - t_start
-            if out is not None:
-                write(result, out, plots=False)
+            write(result, out, plots=False)
     torch._dynamo.reset()
     result["seconds"] = time.perf_counter() - t_start
-    if out is not None:
-        result["files"] = write(result, out)
+    result["files"] = write(result, out)
     return result
 
 
@@ -447,8 +377,11 @@ def _row(variant, target, res, att, depth, errors) -> dict:
 
 
 def main(argv=None) -> int:
-    return C.module_main(sys.modules[__name__], argv)
+    """``python -m bench.e2e``, the same as ``python -m bench e2e``."""
+    from bench.cli import module_main
+
+    return module_main(__name__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

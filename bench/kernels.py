@@ -16,25 +16,23 @@ on the data), and the very same mask is handed to FlexAttention through
 plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
 measurement is guarded: a failing baseline records its error string and the run goes on.
 
-    python -m bench.kernels --out results                       # the full table (GPU)
-    python -m bench.kernels --shapes 32768x128 --sparsities 0,95 --out results
-    python -m bench.kernels --quick --out /tmp/b                # tiny CPU smoke run
+    python -m bench kernels --out results                       # the full table (GPU)
+    python -m bench kernels --shapes 32768x128 --sparsities 0,95 --out results
+    python -m bench kernels --quick --out /tmp/b                # tiny CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python bench/kernels.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
 
 from bench import common as C
+from bench import data
+from bench import output as O
 
 FULL_SHAPES = [(8192, 64), (8192, 128), (32768, 64), (32768, 128), (75600, 64), (75600, 128)]
 QUICK_SHAPES = [(256, 64)]
@@ -301,7 +299,7 @@ def _flex_tiles_table(rows: list[dict]) -> str:
         return "Flex's own tiles everywhere"
     out = [{"tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")} for t, v in seen.items()]
     return ("Elsewhere Flex's own tiles; here (forward, same mask) they do not divide the mask's "
-            "blocks, so these kernel_options:\n\n" + C.table(out, [("tiles", "kernel_options"), ("where", "points")]))
+            "blocks, so these kernel_options:\n\n" + O.table(out, [("tiles", "kernel_options"), ("where", "points")]))
 
 
 def _errors_table(rows: list[dict]) -> str:
@@ -313,7 +311,7 @@ def _errors_table(rows: list[dict]) -> str:
         return "none"
     out = [{"what": k, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else ""), "error": m[:160]}
            for (k, m), v in seen.items()]
-    return C.table(out, [("what", "measurement"), ("where", "points"), ("error", "error")])
+    return O.table(out, [("what", "measurement"), ("where", "points"), ("error", "error")])
 
 
 def fmt_pct(x):
@@ -329,15 +327,15 @@ def markdown(result: dict) -> list[tuple[str, str]]:
             "total = mask prediction + kernel; predict GPU = the prediction replayed from a CUDA graph "
             "(no launch cost). Ratios < 1 mean sparge is faster.\n\n")
     return [
-        ("Forward", note + C.table(rows, FWD_COLUMNS)),
-        ("Forward + backward", C.table(rows, BWD_COLUMNS)),
+        ("Forward", note + O.table(rows, FWD_COLUMNS)),
+        ("Forward + backward", O.table(rows, BWD_COLUMNS)),
         ("FlexAttention tiles", _flex_tiles_table(rows)),
         ("Failed measurements", _errors_table(rows)),
     ]
 
 
 def plot(result: dict, path: Path):
-    plt = C.plt()
+    plt = O.plt()
     if plt is None or not result["rows"]:
         return None
     shapes = sorted({(r["N"], r["D"]) for r in result["rows"]})
@@ -362,20 +360,12 @@ def plot(result: dict, path: Path):
             ax.set_yscale("log")
             if ax.lines[:-1]:
                 ax.legend(fontsize=8, loc="upper left")
-    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
+    return O.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
     """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
-    out = Path(out)
-    files = {"json": str(C.write_json(out / "kernels.json", result))}
-    files["md"] = str(C.write_markdown(out / "kernels.md", "Kernel speed", markdown(result),
-                                       result["env"], result.get("command")))
-    png = plots and C.guarded(lambda: plot(result, out / "kernels.png"),
-                              result.setdefault("report_errors", {}), "plot")
-    if png:
-        files["png"] = str(png)
-    return files
+    return O.write_result(out, "kernels", "Kernel speed", result, markdown(result), plot if plots else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,9 +414,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
 
 
-def run(args, out: Path | None = None) -> dict:
+def run(args) -> dict:
     from sparge_compile import SpargeConfig
 
+    out = Path(args.out)
     quick = bool(getattr(args, "quick", False))
     device = C.pick_device(quick)
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
@@ -446,7 +437,7 @@ def run(args, out: Path | None = None) -> dict:
     result = {
         "benchmark": "kernels",
         "env": C.environment(device),
-        "command": C.command_line(),
+        "command": O.command_line(),
         "args": dict(B=B, H=H, dtype=str(dtype).replace("torch.", ""), block_q=bq, block_k=bk,
                      shapes=[list(s) for s in shapes], sparsities=sparsities, bwd=bwd,
                      check=not args.no_check, flex_compiled=compile_flex, quick=quick),
@@ -464,9 +455,9 @@ def run(args, out: Path | None = None) -> dict:
         for N, D in shapes:
             t0 = time.perf_counter()
             print(f"[kernels] B={B} H={H} N={N} D={D} {dtype}", flush=True)
-            q, k, v = C.random_qkv(B, H, N, D, device, dtype, seed=N + D)
+            q, k, v = data.random_qkv(B, H, N, D, device, dtype, seed=N + D)
             qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-            dout = C.randn((B, H, N, D), device, dtype, seed=7)
+            dout = data.randn((B, H, N, D), device, dtype, seed=7)
             dense = measure_dense(q, k, v, qg, kg, vg, dout, device, timing, bwd)
             dense.update(N=N, D=D)
             result["dense"].append(dense)
@@ -481,30 +472,31 @@ def run(args, out: Path | None = None) -> dict:
                 row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
                 add_ratios(row, dense, flops)
                 result["rows"].append(row)
-                if out is not None:  # JSON after every point: a run killed mid-shape keeps it
-                    C.write_json(Path(out) / "kernels.json", result)
-                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {C.fmt(row.get('sparge_fwd_ms'))} ms, "
-                      f"flex {C.fmt(row.get('flex_fwd_ms'))} ms, err {C.fmt(row.get('sparge_rel_err'))}",
+                # JSON after every point: a run killed mid-shape keeps it
+                O.write_json(Path(out) / "kernels.json", result)
+                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {O.fmt(row.get('sparge_fwd_ms'))} ms, "
+                      f"flex {O.fmt(row.get('flex_fwd_ms'))} ms, err {O.fmt(row.get('sparge_rel_err'))}",
                       flush=True)
             del q, k, v, qg, kg, vg, dout
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             result["seconds"] = time.perf_counter() - t_start
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
-            if out is not None:  # after every shape: a run cut short keeps what it measured
-                write(result, out, plots=False)
+            write(result, out, plots=False)  # after every shape: a run cut short keeps what it measured
     result["seconds"] = time.perf_counter() - t_start
     from sparge_compile.kernels import tuning
 
     result["env"]["autotuned"] = tuning.best_configs()  # launch settings picked per key (CUDA)
-    if out is not None:
-        result["files"] = write(result, out)
+    result["files"] = write(result, out)
     return result
 
 
 def main(argv=None) -> int:
-    return C.module_main(sys.modules[__name__], argv)
+    """``python -m bench.kernels``, the same as ``python -m bench kernels``."""
+    from bench.cli import module_main
+
+    return module_main(__name__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,18 +1,29 @@
 """Per-kernel GPU times (torch.profiler) of mask prediction, forward and backward at 95% sparsity
 on the Wan2.1-1.3B attention shape, CUDA-graph timings that exclude launch overhead, and the
-compiler's report per kernel (registers, spills, shared memory, programs per SM).
+compiler's report per kernel (registers, spills, shared memory, programs per SM), and the host
+cost of each layer of one call at a small shape.
 
-    PYTHONPATH=. python bench/profile_kernels.py
+    python -m bench profile --out results         # writes results/profile.txt
+    python -m bench profile --n 75600 --d 64 --out results
 """
 from __future__ import annotations
 
+import argparse
 import json
-import os
+from pathlib import Path
 
 import torch
-import triton
 
 import sparge_compile as sc
+from bench.tools import require_cuda
+
+COMMON_ARGS = False  # no --quick: a GPU tool
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    p.add_argument("--n", type=int, default=32768, help="sequence length of the profile (default 32768)")
+    p.add_argument("--d", type=int, default=128, help="head dim of the profile (default 128)")
 
 
 def compiler_report() -> list[dict]:
@@ -74,11 +85,12 @@ def host_report() -> dict:
     cfg = sc.SpargeConfig(topk=0.03, topp=0.0, mode="topk")
     m = sc.predict_block_mask(q, k, config=cfg)
     num, idx, scale = m.kv_num_blocks, m.kv_indices, D ** -0.5
+    rule = (0.03, 0.0, "topk", 128, 64)
     res = {
         "check_qkv": host_us(lambda: check_qkv(q, k, v, None)),
         "predict_block_mask": host_us(lambda: sc.predict_block_mask(q, k, config=cfg)),
-        "predict_op": host_us(lambda: ops.predict_block_mask_op(q, k, scale, False, 0.03, 0.0, "topk", 128, 64)),
-        "predict_triton": host_us(lambda: mask.predict_mask_triton(q, k, scale, False, 0.03, 0.0, "topk", 128, 64)),
+        "predict_op": host_us(lambda: ops.predict_block_mask_op(q, k, scale, False, *rule)),
+        "predict_triton": host_us(lambda: mask.predict_mask_triton(q, k, scale, False, *rule)),
         "pool_qk_triton": host_us(lambda: mask.pool_qk_triton(q, k, 128, 64)),
         "sparse_attention_mask_given": host_us(lambda: sc.sparse_attention(q, k, v, block_mask=m)),
         "fwd_op": host_us(lambda: ops.block_sparse_attention_op(q, k, v, num, idx, scale, False, 128, 64)),
@@ -92,24 +104,27 @@ def host_report() -> dict:
     return res
 
 
-def main():
-    B, H, N, D = 1, 12, 32768, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-               for _ in range(3))
-    cfg = sc.SpargeConfig(topk=0.05, topp=0.0, mode="topk")
-    do = torch.randn_like(q)
+def timings(q, k, v, do, cfg) -> dict:
+    """Prediction and forward from CUDA graphs (no launch cost) and eager; eager fwd+bwd."""
+    import triton
+
     res = {}
     with torch.no_grad():
-        res["predict_graph"] = triton.testing.do_bench_cudagraph(lambda: sc.predict_block_mask(q, k, config=cfg))
-        res["fwd_total_graph"] = triton.testing.do_bench_cudagraph(lambda: sc.sparse_attention(q, k, v, config=cfg))
+        res["predict_graph"] = triton.testing.do_bench_cudagraph(
+            lambda: sc.predict_block_mask(q, k, config=cfg))
+        res["fwd_total_graph"] = triton.testing.do_bench_cudagraph(
+            lambda: sc.sparse_attention(q, k, v, config=cfg))
         res["predict_eager"] = triton.testing.do_bench(lambda: sc.predict_block_mask(q, k, config=cfg),
                                                        return_mode="median")
         res["fwd_total_eager"] = triton.testing.do_bench(lambda: sc.sparse_attention(q, k, v, config=cfg),
                                                          return_mode="median")
     res["fwdbwd_eager"] = triton.testing.do_bench(
         lambda: sc.sparse_attention(q, k, v, config=cfg).backward(do), return_mode="median")
-    print(json.dumps(res), flush=True)
+    return res
+
+
+def kernel_table(q, k, v, do, cfg) -> str:
+    """torch.profiler's per-kernel table of 5 forward+backward calls (after 3 warm-up calls)."""
     for _ in range(3):
         sc.sparse_attention(q, k, v, config=cfg).backward(do)
     torch.cuda.synchronize()
@@ -118,18 +133,38 @@ def main():
         for _ in range(5):
             sc.sparse_attention(q, k, v, config=cfg).backward(do)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=40)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=40)
+
+
+def run(args) -> dict:
+    require_cuda("profile")
+    B, H, N, D = 1, 12, args.n, args.d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+               for _ in range(3))
+    cfg = sc.SpargeConfig(topk=0.05, topp=0.0, mode="topk")
+    do = torch.randn_like(q)
+    res = timings(q, k, v, do, cfg)
+    print(json.dumps(res), flush=True)
+    table = kernel_table(q, k, v, do, cfg)
     print(table)
     res["host_us"] = host_report()
     print("host_us", json.dumps(res["host_us"]), flush=True)
     res["compiler"] = compiler_report()
     for row in res["compiler"]:
         print(row)
-    out = os.environ.get("OUT", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "profile.txt"), "w") as f:
-        f.write(json.dumps(res) + "\n" + table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text(json.dumps(res) + "\n" + table)
+    return res
+
+
+def main(argv=None) -> int:
+    """``python -m bench.tools.profile_kernels``, the same as ``python -m bench profile``."""
+    from bench.cli import module_main
+
+    return module_main(__name__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
