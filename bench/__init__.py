@@ -3,7 +3,7 @@
 Benchmarks (each writes ``<name>.json`` and ``<name>.md``, most a ``<name>.png``, under ``--out``;
 ``--quick`` is a tiny CPU run in seconds):
 
-* ``kernels``   (:mod:`bench.kernels`)   kernel speed vs SDPA (cuDNN, FlashAttention) and FlexAttention, same mask
+* ``kernels``   (:mod:`bench.kernels`)   kernel speed vs SDPA (cuDNN, FlashAttention) and Flex, same mask
 * ``accuracy``  (:mod:`bench.accuracy`)  error vs sparsity for each mask rule (top-k, top-p, hybrid)
 * ``e2e``       (:mod:`bench.e2e`)       a Wan2.1-1.3B-sized DiT stack, inductor vs the "sparge" backend
 * ``calibrate`` (:mod:`bench.calibrate`) sc.calibrate's per-site plan vs one global (topk, topp)

@@ -165,7 +165,8 @@ def frontier(rows: list[dict], targets, key: str = "rel_l1", tol: float = 0.02) 
         r = {"sparsity_target": s}
         for rule in RULES:
             front = pareto([x for x in rows if x["rule"] == rule], key)
-            for name, k in (("", key), ("_flat_rows", f"{key}_flat_rows"), ("_sink_rows", f"{key}_sink_rows")):
+            for name in ("", "_flat_rows", "_sink_rows"):
+                k = key + name
                 pts = [(x["sparsity"], x[k]) for x in front if x.get(k) is not None]
                 r[f"{rule}_err{name}"] = _interp(pts, s) if len(pts) == len(front) else None
         singles = [r[f"{x}_err"] for x in ("topk", "topp") if r[f"{x}_err"] is not None]
@@ -190,7 +191,8 @@ FRONTIER_COLUMNS = [("sparsity_target", "sparsity"),
                     ("topk_err_flat_rows", "top-k flat rows"), ("topp_err_flat_rows", "top-p flat rows"),
                     ("hybrid_err_flat_rows", "hybrid flat rows"),
                     ("topk_err_sink_rows", "top-k sink rows"), ("topp_err_sink_rows", "top-p sink rows"),
-                    ("hybrid_err_sink_rows", "hybrid sink rows"), ("hybrid_not_worse", "hybrid <= best single")]
+                    ("hybrid_err_sink_rows", "hybrid sink rows"),
+                    ("hybrid_not_worse", "hybrid <= best single")]
 
 
 def markdown(result: dict) -> list[tuple[str, str]]:
@@ -202,8 +204,9 @@ def markdown(result: dict) -> list[tuple[str, str]]:
         n_ok = sum(bool(r["hybrid_not_worse"]) for r in hyb)
         head = (f"{src.get('description', '')}\n\nRow kinds (from block scores): "
                 f"flat {100 * share.get('flat', 0):.1f}%, sink-dominated {100 * share.get('sink', 0):.1f}%, "
-                f"other {100 * share.get('other', 0):.1f}% of query blocks. Hybrid points not worse than the "
-                f"better single rule at the same sparsity (2% tolerance): {n_ok} of {len(hyb)} comparable.\n\n")
+                f"other {100 * share.get('other', 0):.1f}% of query blocks. Hybrid points not worse than "
+                f"the better single rule at the same sparsity (2% tolerance): {n_ok} of {len(hyb)} "
+                "comparable.\n\n")
         secs.append((f"{name}: relative L1 error per rule at equal sparsity (Pareto front, interpolated)",
                      head + O.table(src["frontier"], FRONTIER_COLUMNS)))
         secs.append((f"{name}: the sweep", O.table(src["rows"], SWEEP_COLUMNS)))
@@ -219,8 +222,10 @@ def plot(result: dict, path: Path):
     panels = [("rel_l1", "all rows"), ("rel_l1_flat_rows", "flat rows"), ("rel_l1_sink_rows", "sink rows"),
               ("rel_l1_other_rows", "other rows")]
     srcs = result["sources"]
-    fig, axes = plt.subplots(len(srcs), len(panels), figsize=(4 * len(panels), 3.4 * len(srcs)), squeeze=False)
-    style = {"topk": dict(marker="o", ls="-"), "topp": dict(marker="s", ls="-"), "hybrid": dict(marker="^", ls="")}
+    fig, axes = plt.subplots(len(srcs), len(panels), figsize=(4 * len(panels), 3.4 * len(srcs)),
+                             squeeze=False)
+    style = {"topk": dict(marker="o", ls="-"), "topp": dict(marker="s", ls="-"),
+             "hybrid": dict(marker="^", ls="")}
     for i, src in enumerate(srcs):
         for j, (key, title) in enumerate(panels):
             ax = axes[i][j]

@@ -1,8 +1,9 @@
 """Calibration: sc.calibrate on a 30-block DiT stack at Wan2.1-1.3B's attention size, and the
 output error of the calibrated plan against one global (topk, topp) at the same sparsity.
 
-The model: :func:`bench.models.calibration_stack`, Wan-style blocks (hidden 1536, 12 heads of 128, FFN 8960, 3-D RoPE,
-cross-attention to 512 text tokens, adaLN modulation), 30 of them, random weights, bf16,
+The model: :func:`bench.models.calibration_stack`, Wan-style blocks (hidden 1536, 12 heads of
+128, FFN 8960, 3-D RoPE, cross-attention to 512 text tokens, adaLN modulation), 30 of them,
+random weights, bf16,
 N = 21 x 30 x 52 = 32760 tokens. Random weights give every layer the same, nearly flat
 attention; trained models do not (some layers are local and peaked, others broad). So each
 block gets, reproducibly from the seed: a q/k "temperature" (the RMSNorm gain of q, log-uniform
@@ -132,10 +133,11 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
         print(f"[calibrate] building {depth} blocks, N={N}", flush=True)
-        model, gains = calibration_stack(dim, heads, ffn, depth, grid, device, dtype, (args.gain_min, args.gain_max),
-                             args.tie, args.v_bias)
+        model, gains = calibration_stack(dim, heads, ffn, depth, grid, device, dtype,
+                                         (args.gain_min, args.gain_max), args.tie, args.v_bias)
         result["gains"] = gains
-        cal = [data.smooth_dit_batch(dim, grid, text_len, device, dtype, seed=10 + i) for i in range(args.batches)]
+        cal = [data.smooth_dit_batch(dim, grid, text_len, device, dtype, seed=10 + i)
+               for i in range(args.batches)]
         held = data.smooth_dit_batch(dim, grid, text_len, device, dtype, seed=99)
         with torch.no_grad():
             ref = model(*held)

@@ -16,16 +16,16 @@ from bench import output as O
 
 # name -> (module, one line for `python -m bench --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "kernels": ("bench.kernels", "kernel speed: sparge vs SDPA (cuDNN, FlashAttention) and FlexAttention, same mask"),
+    "kernels": ("bench.kernels", "kernel speed: sparge vs SDPA (cuDNN, FlashAttention) and Flex, same mask"),
     "accuracy": ("bench.accuracy", "attention error vs sparsity per mask rule (top-k, top-p, hybrid)"),
     "e2e": ("bench.e2e", 'a Wan2.1-1.3B-sized DiT stack compiled with "inductor" vs "sparge"'),
-    "calibrate": ("bench.calibrate", "sc.calibrate's per-site plan vs one global (topk, topp) on a DiT stack"),
+    "calibrate": ("bench.calibrate", "sc.calibrate's per-site plan vs one global (topk, topp)"),
     "distill": ("bench.distill", "distillation recovers quality at ~95% sparsity (small DiT, own data)"),
     "dit": ("bench.dit", 'diffusers\' DiTTransformer2DModel through backend="sparge" vs inductor'),
     "all": ("bench.suite", "kernels, accuracy and e2e in one run, then report.md and summary.json"),
     "report": ("bench.report", "merge the JSON of several runs (folders) into one report"),
     "tune": ("bench.tools.tune_kernels", "GPU tool: time kernel variants and launch settings against Flex"),
-    "profile": ("bench.tools.profile_kernels", "GPU tool: per-kernel profile, host cost per call, compiler report"),
+    "profile": ("bench.tools.profile_kernels", "GPU tool: per-kernel profile, host cost, compiler report"),
 }
 
 

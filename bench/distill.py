@@ -71,7 +71,8 @@ def train_teacher(args, device, amp) -> tuple[DiT, dict]:
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item() if step % 50 == 0 or step < 10 else losses[-1])
         if step % 500 == 0:
-            print(f"teacher step {step}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            secs = time.perf_counter() - t0
+            print(f"teacher step {step}: loss {loss.item():.4f} ({secs:.0f} s)", flush=True)
         step += 1
     C.sync(device)
     secs = time.perf_counter() - t0
@@ -137,14 +138,15 @@ def psnr(a, b) -> float:   # images in [-1, 1]: peak-to-peak 2
 def run_model(fn, ev, amp, sample_steps):
     with amp():
         v = fn(ev["x_t"], ev["t"], ev["y"]).float()
-        samples = sc.euler_sample(lambda x, t, y: fn(x, t, y).float(), ev["noise"], ev["y"], steps=sample_steps)
+        samples = sc.euler_sample(lambda x, t, y: fn(x, t, y).float(), ev["noise"], ev["y"],
+                                  steps=sample_steps)
     return v, samples.float()
 
 
 def measure(fn, ev, ref, amp, sample_steps) -> dict:
     v, s = run_model(fn, ev, amp, sample_steps)
-    return dict(vel_err=C.rel_l2(v, ref["v"]), sample_err=C.rel_l2(s, ref["samples"]), psnr=psnr(s, ref["samples"]),
-                samples=s)
+    return dict(vel_err=C.rel_l2(v, ref["v"]), sample_err=C.rel_l2(s, ref["samples"]),
+                psnr=psnr(s, ref["samples"]), samples=s)
 
 
 def site_sparsity(be) -> float | None:
@@ -183,9 +185,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-QUICK = dict(image_size=16, dim=64, depth=2, heads=1, batch=8, train_seconds=120.0, train_steps=80, warmup=10,
-             lr=1e-3, block_q=16, block_k=16, distill_steps=4, distill_batch=4, pool=64, eval_n=4, sample_steps=4,
-             inner="eager")
+QUICK = dict(image_size=16, dim=64, depth=2, heads=1, batch=8, train_seconds=120.0, train_steps=80,
+             warmup=10, lr=1e-3, block_q=16, block_k=16, distill_steps=4, distill_batch=4, pool=64,
+             eval_n=4, sample_steps=4, inner="eager")
 
 
 def _sizes(args) -> None:
@@ -248,7 +250,8 @@ def write(args, tinfo, rows, grid, total, device, out: Path) -> dict:
             r["sparsity"] = r["sparsity_cal"]
     tab = O.table(rows, COLUMNS)
     head = (f"DiT {args.image_size}x{args.image_size}/p{args.patch} ({(args.image_size // args.patch) ** 2} "
-            f"tokens), teacher {tinfo['steps']} steps ({tinfo['seconds']:.0f} s, loss {tinfo['final_loss']:.4f}); "
+            f"tokens), teacher {tinfo['steps']} steps ({tinfo['seconds']:.0f} s, "
+            f"loss {tinfo['final_loss']:.4f}); "
             f"{args.distill_steps} distill steps at lr {args.distill_lr}, batch {args.distill_batch}; "
             f"errors are relative L2 vs the dense teacher ({args.eval_n} inputs / samples, "
             f"{args.sample_steps} Euler steps); total {total:.0f} s")
@@ -256,7 +259,8 @@ def write(args, tinfo, rows, grid, total, device, out: Path) -> dict:
     env = C.environment(device)
     result = dict(env=env, args=vars(args), teacher=tinfo, rows=rows, total_s=total, command=O.command_line())
     O.write_result(out, "distill", "Distillation at ~95% sparsity", result, [("Result", head + "\n\n" + tab)])
-    O.write_png_grid(out / "distill_samples.png", [g_[:8] for g_ in grid], scale=2 if args.image_size <= 32 else 1)
+    O.write_png_grid(out / "distill_samples.png", [g_[:8] for g_ in grid],
+                     scale=2 if args.image_size <= 32 else 1)
     print(f"wrote {out}/distill.json, distill.md, distill_samples.png", flush=True)
     return result
 
@@ -269,7 +273,9 @@ def run(args) -> dict:
     torch._dynamo.config.automatic_dynamic_shapes = False   # eval and distill batches stay static
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    amp = contextlib.nullcontext
+    if device.type == "cuda":
+        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
         teacher, tinfo = train_teacher(args, device, amp)

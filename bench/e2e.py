@@ -127,7 +127,8 @@ def measure_model(model, inputs, device, timing, train: bool, errors: dict, pref
         C.guarded(first_train, errors, f"{prefix}_train_compile")
         if f"{prefix}_train_compile_s" in res:
             res[f"{prefix}_train_ms"] = C.guarded(
-                lambda: C.time_fn(step, device, grad_to_none=params + [x], **timing), errors, f"{prefix}_train")
+                lambda: C.time_fn(step, device, grad_to_none=params + [x], **timing), errors,
+                f"{prefix}_train")
         for p in params:
             p.grad = None
             p.requires_grad_(False)
@@ -260,7 +261,8 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--no-dense", action="store_true", help="skip the inductor dense baseline (when "
                    "another run has it: `python -m bench report` merges them and computes speed-ups)")
-    p.add_argument("--dense-backend", default=None, help="default inductor (--quick: none, i.e. not compiled)")
+    p.add_argument("--dense-backend", default=None,
+                   help="default inductor (--quick: none, i.e. not compiled)")
     p.add_argument("--inner-backend", default=None,
                    help="the sparge backend's options['inner'] (default: its own, inductor; --quick: eager)")
     p.add_argument("--mode", default=None, help="torch.compile mode for both backends, e.g. reduce-overhead "
@@ -305,7 +307,8 @@ def run(args) -> dict:
         model = WanStack(dim, heads, ffn, depth, grid).to(device=device, dtype=dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        inputs = (data.randn((1, N, dim), device, dtype, seed=1), data.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
+        inputs = (data.randn((1, N, dim), device, dtype, seed=1),
+                  data.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
                   data.randn((1, text_len, dim), device, dtype, seed=3))
 
         dense, ref = {}, None
@@ -368,8 +371,8 @@ def _row(variant, target, res, att, depth, errors) -> dict:
            "attn_fwdbwd_ms": att.get("attn_fwdbwd_ms")}
     row["attn_share_fwd"] = C.ratio(None if row["attn_fwd_ms"] is None else depth * row["attn_fwd_ms"],
                                     row["fwd_ms"])
-    row["attn_share_train"] = C.ratio(None if row["attn_fwdbwd_ms"] is None else depth * row["attn_fwdbwd_ms"],
-                                      row["train_ms"])
+    fwdbwd = row["attn_fwdbwd_ms"]
+    row["attn_share_train"] = C.ratio(None if fwdbwd is None else depth * fwdbwd, row["train_ms"])
     if variant == "dense":
         row["speedup_fwd"] = row["speedup_train"] = 1.0 if row["fwd_ms"] else None
     row["errors"] = errors

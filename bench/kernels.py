@@ -124,7 +124,8 @@ def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
             return flex(q, k, v, block_mask=bm, kernel_options=opts)
         fn = call if dout is None else _fwd_bwd(call, dout)
         grads = None if dout is None else [q, k, v]
-        return C.guarded(lambda: C.time_fn(fn, device, grad_to_none=grads, **timing), errs, key, verbose=verbose)
+        return C.guarded(lambda: C.time_fn(fn, device, grad_to_none=grads, **timing), errs, key,
+                         verbose=verbose)
 
     own: dict = {}
     ms = timed(None, own, verbose=False)
@@ -217,7 +218,8 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
         row["flex_fwd_ms"], flex_opts = time_flex(flex, bm, (q, k, v), None, device, t, errors, "flex_fwd")
         row["flex_tiles_fwd"] = _tiles(flex_opts)
         if bwd:
-            row["flex_fwdbwd_ms"], _ = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors, "flex_fwdbwd")
+            row["flex_fwdbwd_ms"], _ = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors,
+                                                 "flex_fwdbwd")
     # FlexAttention at square blocks (block_q x block_q), tuned to the same sparsity
     if flex_square and flex is not None and base.block_k != base.block_q:
         sq = C.guarded(lambda: tune_config(q, k, target, base.replace(block_k=base.block_q)),
@@ -226,10 +228,11 @@ def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex,
             row["flex_sq_sparsity"] = sq[1].sparsity()
             bm_sq = C.guarded(sq[1].to_flex, errors, "flex_sq_block_mask")
             if bm_sq is not None:
-                row["flex_sq_fwd_ms"], _ = time_flex(flex, bm_sq, (q, k, v), None, device, t, errors, "flex_sq_fwd")
+                row["flex_sq_fwd_ms"], _ = time_flex(flex, bm_sq, (q, k, v), None, device, t, errors,
+                                                     "flex_sq_fwd")
                 if bwd:
-                    row["flex_sq_fwdbwd_ms"], _ = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t, errors,
-                                                            "flex_sq_fwdbwd")
+                    row["flex_sq_fwdbwd_ms"], _ = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t,
+                                                            errors, "flex_sq_fwdbwd")
 
     if check:  # relative error against float32 SDPA on the same mask
         ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
@@ -299,14 +302,16 @@ def _flex_tiles_table(rows: list[dict]) -> str:
         return "Flex's own tiles everywhere"
     out = [{"tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")} for t, v in seen.items()]
     return ("Elsewhere Flex's own tiles; here (forward, same mask) they do not divide the mask's "
-            "blocks, so these kernel_options:\n\n" + O.table(out, [("tiles", "kernel_options"), ("where", "points")]))
+            "blocks, so these kernel_options:\n\n"
+            + O.table(out, [("tiles", "kernel_options"), ("where", "points")]))
 
 
 def _errors_table(rows: list[dict]) -> str:
     seen = {}
     for r in rows:
         for key, msg in (r.get("errors") or {}).items():
-            seen.setdefault((key, msg), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
+            where = f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}"
+            seen.setdefault((key, msg), []).append(where)
     if not seen:
         return "none"
     out = [{"what": k, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else ""), "error": m[:160]}
@@ -321,9 +326,11 @@ def fmt_pct(x):
 def markdown(result: dict) -> list[tuple[str, str]]:
     rows = result["rows"]
     a = result["args"]
+    on_cuda = result["env"]["device"].startswith("cuda")
+    timer = "median of triton.testing.do_bench" if on_cuda else "CPU wall clock"
     note = (f"B={a['B']}, H={a['H']}, {a['dtype']}, blocks {a['block_q']}x{a['block_k']} "
             f"(Flex square: {a['block_q']}x{a['block_q']}); times in ms, "
-            f"{'median of triton.testing.do_bench' if result['env']['device'].startswith('cuda') else 'CPU wall clock'}. "
+            f"{timer}. "
             "total = mask prediction + kernel; predict GPU = the prediction replayed from a CUDA graph "
             "(no launch cost). Ratios < 1 mean sparge is faster.\n\n")
     return [
@@ -340,7 +347,8 @@ def plot(result: dict, path: Path):
         return None
     shapes = sorted({(r["N"], r["D"]) for r in result["rows"]})
     fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.2 * len(shapes)), squeeze=False)
-    series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"), ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
+    series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"),
+                       ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
               ("fwd+bwd", [("speedup_vs_dense_fwdbwd", "sparge total"),
                            ("flex_speedup_vs_dense_fwdbwd", "Flex, same mask"),
                            ("flex_sq_speedup_vs_dense_fwdbwd", "Flex, square blocks")])]
@@ -449,7 +457,8 @@ def run(args) -> dict:
     if device.type == "cuda" or args.flex_cpu:
         flex = C.guarded(lambda: _flex_fn(compile_flex), flex_errors, "flex_import")
     else:
-        flex_errors["flex"] = "skipped on the CPU (eager FlexAttention is very slow there; --flex-cpu to run it)"
+        flex_errors["flex"] = ("skipped on the CPU (eager FlexAttention is very slow there; --flex-cpu to "
+                               "run it)")
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
         for N, D in shapes:
@@ -474,7 +483,8 @@ def run(args) -> dict:
                 result["rows"].append(row)
                 # JSON after every point: a run killed mid-shape keeps it
                 O.write_json(Path(out) / "kernels.json", result)
-                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {O.fmt(row.get('sparge_fwd_ms'))} ms, "
+                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: "
+                      f"sparge {O.fmt(row.get('sparge_fwd_ms'))} ms, "
                       f"flex {O.fmt(row.get('flex_fwd_ms'))} ms, err {O.fmt(row.get('sparge_rel_err'))}",
                       flush=True)
             del q, k, v, qg, kg, vg, dout

@@ -11,8 +11,8 @@ import math
 import struct
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -121,7 +121,7 @@ def plt():
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as pyplot
+        from matplotlib import pyplot
 
         return pyplot
     except Exception:  # pragma: no cover
@@ -138,7 +138,7 @@ def save_fig(fig, path: Path, quick: bool = False) -> Path:
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=60 if quick else 120)
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
 
     pyplot.close(fig)
     return path

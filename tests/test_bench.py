@@ -108,15 +108,16 @@ def test_kernels_fields(report):
     k = _load(report[0], "kernels")
     assert k["rows"], "no kernel rows"
     for row in k["rows"]:
-        for key in ("N", "D", "sparsity_target", "sparsity", "topk", "predict_ms", "predict_gpu_ms", "sparge_fwd_ms",
-                    "sparge_kernel_fwd_ms", "sparge_fwdbwd_ms", "sparge_rel_err", "sdpa_flash_fwd_ms",
-                    "speedup_vs_dense_fwd", "sparge_over_flex_fwd", "errors"):
+        for key in ("N", "D", "sparsity_target", "sparsity", "topk", "predict_ms", "predict_gpu_ms",
+                    "sparge_fwd_ms", "sparge_kernel_fwd_ms", "sparge_fwdbwd_ms", "sparge_rel_err",
+                    "sdpa_flash_fwd_ms", "speedup_vs_dense_fwd", "sparge_over_flex_fwd", "errors"):
             assert key in row, key
         # the op's PyTorch path is exact up to float32 rounding
         assert row["sparge_rel_err"] is not None and row["sparge_rel_err"] < 1e-4
         assert row["predict_ms"] is not None and row["sparge_fwd_ms"] is not None
         assert abs(row["sparsity"] - row["sparsity_target"]) <= 1.0 / (row["N"] / k["args"]["block_k"])
-        assert not {key for key in row["errors"] if key.startswith(("sparge", "predict", "tune"))}, row["errors"]
+        failed = {key for key in row["errors"] if key.startswith(("sparge", "predict", "tune"))}
+        assert not failed, row["errors"]
     assert k["dense"] and "sdpa_cudnn_fwd_ms" in k["dense"][0]
 
 
@@ -133,7 +134,8 @@ def test_accuracy_fields(report):
             assert key in row
     hyb = [r for r in src["rows"] if r["rule"] == "hybrid"]
     assert all("hybrid_not_worse" in r and "best_single_err_same_sparsity" in r for r in hyb)
-    assert src["frontier"] and {"topk_err", "topp_err", "hybrid_err", "hybrid_not_worse"} <= set(src["frontier"][0])
+    assert src["frontier"]
+    assert {"topk_err", "topp_err", "hybrid_err", "hybrid_not_worse"} <= set(src["frontier"][0])
     assert set(src["row_share"]) == {"flat", "sink", "other"}
     # the generator makes both failure kinds appear
     assert src["row_share"]["flat"] > 0 and src["row_share"]["sink"] > 0
@@ -177,7 +179,8 @@ def test_report_merges_runs(report, tmp_path):
 
 
 def test_kernels_alone(tmp_path):
-    _bench("kernels", "--quick", "--shapes", "128x32", "--sparsities", "50", "--no-bwd", "--out", str(tmp_path))
+    _bench("kernels", "--quick", "--shapes", "128x32", "--sparsities", "50", "--no-bwd",
+           "--out", str(tmp_path))
     (row,) = _load(tmp_path, "kernels")["rows"]
     assert (row["N"], row["D"]) == (128, 32) and "sparge_fwdbwd_ms" not in row
     assert row["sparge_rel_err"] < 1e-4 and abs(row["sparsity"] - 0.5) <= 16 / 128
@@ -229,7 +232,8 @@ def _diffusers_dit_importable() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _diffusers_dit_importable(), reason="diffusers' DiTTransformer2DModel does not import")
+@pytest.mark.skipif(not _diffusers_dit_importable(),
+                    reason="diffusers' DiTTransformer2DModel does not import")
 def test_dit(tmp_path):
     _bench("dit", "--quick", "--inner", "eager", "--out", str(tmp_path))
     r = _load(tmp_path, "backend_dit")
@@ -252,7 +256,8 @@ def test_flex_falls_back_to_tiles_that_divide_the_mask():
         calls.append(kernel_options)
         if kernel_options is None:
             raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N")
-        assert bm.BLOCK_SIZE[0] % kernel_options["BLOCK_M"] == 0 and bm.BLOCK_SIZE[1] % kernel_options["BLOCK_N"] == 0
+        assert bm.BLOCK_SIZE[0] % kernel_options["BLOCK_M"] == 0
+        assert bm.BLOCK_SIZE[1] % kernel_options["BLOCK_N"] == 0
         return q * 1.0
 
     x = torch.ones(2, requires_grad=True)

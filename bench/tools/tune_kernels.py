@@ -72,7 +72,8 @@ def prediction(res, q, k, cfg, N, D) -> None:
 
     def score():
         mask_mod._score_kernel[(N // 128 // 64 or 1, N // 64 // 64, B * H)](
-            qb, kb, scores, D ** -0.5, H, 1, N // 128, N // 64, TILE=64, BLOCK_D=D, PREC="tf32x3", num_warps=4)
+            qb, kb, scores, D ** -0.5, H, 1, N // 128, N // 64, TILE=64, BLOCK_D=D, PREC="tf32x3",
+            num_warps=4)
     score()
     res["score_kernel"] = bench(score)
     dc = sc.SpargeConfig()
@@ -137,7 +138,8 @@ def backward_settings(which: str) -> list[dict]:
     if which == "all":
         for t in (False, True):
             bvars += [dict(use_tma=t, dq_warps=w, dq_stages=s) for (w, s) in ((8, 2), (8, 3), (4, 2), (4, 3))]
-            bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3), dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
+            bvars += [dict(use_tma=t, dkdv_warps=4, dkdv_stages=3),
+                      dict(use_tma=t, dkdv_warps=8, dkdv_stages=2),
                       dict(use_tma=t, sub_m=32, dkdv_warps=4, dkdv_stages=3),
                       dict(use_tma=t, sub_m=128, dkdv_warps=8)]
     return bvars + [dict(dkdv_stages=3), dict(sub_m=32, dkdv_stages=3)]  # dK/dV stages and slice rows
@@ -183,7 +185,8 @@ def run(args) -> dict:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     B, H, N, D = 1, 12, args.n, args.d
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
     scale = D ** -0.5
     flex = torch.compile(flex_attention)
     res["shape"] = [B, H, N, D]
