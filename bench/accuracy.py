@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from bench import common as C
 from bench import output as O
+from bench.cli import module_entry
 from bench.data import trained_qkv, video_qkv
 
 RULES = ("topk", "topp", "hybrid")
@@ -321,12 +322,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    """``python -m bench.accuracy``, the same as ``python -m bench accuracy``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.accuracy [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

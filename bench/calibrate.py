@@ -40,6 +40,7 @@ import torch
 from bench import common as C
 from bench import data
 from bench import output as O
+from bench.cli import module_entry
 from bench.models import calibration_stack
 
 # --------------------------------------------------------------------------------------------
@@ -198,12 +199,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    """``python -m bench.calibrate``, the same as ``python -m bench calibrate``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.calibrate [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

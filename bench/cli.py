@@ -67,6 +67,14 @@ def module_main(module_name: str, argv=None) -> int:
     return run_command(name, argv, prog=f"python -m {module_name}")
 
 
+def module_entry(module_name: str):
+    """The ``main(argv=None) -> int`` of a command's module (``python -m bench.<module>``)."""
+    def main(argv=None) -> int:
+        return module_main(module_name, argv)
+    main.__doc__ = f"python -m {module_name} [options]: the command {module_name} implements"
+    return main
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

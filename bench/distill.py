@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import sparge_compile as sc
 from bench import common as C
 from bench import output as O
+from bench.cli import module_entry
 from bench.data import SHAPE_CLASSES, shape_images
 from sparge_compile.distill import make_student
 from sparge_compile.models import DiT
@@ -298,12 +299,7 @@ def run(args) -> dict:
     return write(args, tinfo, rows, grid, time.perf_counter() - t_start, device, Path(args.out))
 
 
-def main(argv=None) -> int:
-    """``python -m bench.distill``, the same as ``python -m bench distill``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.distill [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,6 +23,7 @@ import torch
 import sparge_compile as sc
 from bench import common as C
 from bench import output as O
+from bench.cli import module_entry
 from bench.models import diffusers_dit
 
 COLUMNS = [("backend", "backend"), ("forward_ms", "forward ms (median)"), ("speedup", "speed-up"),
@@ -126,12 +127,7 @@ def write(summary: dict, args, out: Path) -> None:
     print(f"wrote {out / 'backend_dit.json'}", flush=True)
 
 
-def main(argv=None) -> int:
-    """``python -m bench.dit``, the same as ``python -m bench dit``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.dit [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from bench import common as C
 from bench import data
 from bench import output as O
+from bench.cli import module_entry
 from bench.models import WanStack
 
 FULL_SPARSITIES = [0.9, 0.95, 0.97]
@@ -379,12 +380,7 @@ def _row(variant, target, res, att, depth, errors) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    """``python -m bench.e2e``, the same as ``python -m bench e2e``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.e2e, the same as python -m bench <name>
 
 if __name__ == "__main__":
     raise SystemExit(main())

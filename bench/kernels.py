@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bench import common as C
 from bench import data
 from bench import output as O
+from bench.cli import module_entry
 
 FULL_SHAPES = [(8192, 64), (8192, 128), (32768, 64), (32768, 128), (75600, 64), (75600, 128)]
 QUICK_SHAPES = [(256, 64)]
@@ -501,12 +502,7 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    """``python -m bench.kernels``, the same as ``python -m bench kernels``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.kernels [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

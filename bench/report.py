@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench import common as C
 from bench import output as O
+from bench.cli import module_entry
 
 PARTS = ("kernels", "accuracy", "e2e")
 COMMON_ARGS = False  # only reads earlier runs: no --quick
@@ -115,12 +116,7 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    """``python -m bench.report``, the same as ``python -m bench report``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.report [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

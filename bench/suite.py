@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench import common as C
 from bench import output as O
+from bench.cli import module_entry
 from bench.report import PARTS, finish, part
 
 
@@ -50,12 +51,7 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    """``python -m bench.suite``, the same as ``python -m bench all``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.suite [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import sparge_compile as sc
+from bench.cli import module_entry
 from bench.tools import require_cuda
 
 COMMON_ARGS = False  # no --quick: a GPU tool
@@ -159,12 +160,7 @@ def run(args) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    """``python -m bench.tools.profile_kernels``, the same as ``python -m bench profile``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.tools.profile_kernels [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,6 +16,7 @@ import torch
 
 import sparge_compile as sc
 from bench import output as O
+from bench.cli import module_entry
 from bench.tools import require_cuda
 from bench.tools.profile_kernels import compiler_report
 from sparge_compile import reference as R
@@ -46,6 +47,16 @@ def bench(fn, rep=100):
         return round(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"), 4)
     except Exception as e:  # noqa: BLE001 - record, don't die
         return f"error: {type(e).__name__}: {str(e)[:160]}"
+
+
+def checked_time(call, error_of):
+    """{"ms", "err"} of one variant: its error (``error_of(call())``) first, then its time; the
+    error message if it fails to compile or run."""
+    try:
+        err = error_of(call())
+    except Exception as e:  # noqa: BLE001 - record, don't die
+        return f"error: {type(e).__name__}: {str(e)[:160]}"
+    return {"ms": bench(call), "err": err}
 
 
 def rel(a, b):
@@ -98,15 +109,9 @@ def forward_variants(q, k, v, num, idx, scale, ref, which: str) -> dict:
     fwd = {}
     for var in variants:
         name = "fwd_" + "_".join(f"{a}{int(b)}" for a, b in var.items())
-
-        def call(var=var):
-            return fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64, **var)
-        try:
-            err = rel(call()[0][:, :2], ref)
-        except Exception as e:  # noqa: BLE001
-            fwd[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
-            continue
-        fwd[name] = {"ms": bench(call), "err": err}
+        fwd[name] = checked_time(
+            lambda var=var: fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64, **var),
+            lambda out: rel(out[0][:, :2], ref))
         print(name, fwd[name], flush=True)
     return fwd
 
@@ -154,15 +159,10 @@ def backward_variants(do, q, k, v, num, idx, scale, ref, ref_lse, which: str) ->
     bwd = {}
     for var in backward_settings(which):
         name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
-
-        def call(var=var):
-            return bwd_mod.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False, 128, 64, **var)
-        try:
-            errs = [rel(a[:, :2], b) for a, b in zip(call(), gref)]
-        except Exception as e:  # noqa: BLE001
-            bwd[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
-            continue
-        bwd[name] = {"ms": bench(call), "err": errs}
+        bwd[name] = checked_time(
+            lambda var=var: bwd_mod.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False, 128, 64,
+                                                         **var),
+            lambda grads: [rel(a[:, :2], b) for a, b in zip(grads, gref)])
         print(name, bwd[name], flush=True)
     return bwd
 
@@ -213,12 +213,7 @@ def run(args) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    """``python -m bench.tools.tune_kernels``, the same as ``python -m bench tune``."""
-    from bench.cli import module_main
-
-    return module_main(__name__, argv)
-
+main = module_entry(__spec__.name)  # python -m bench.tools.tune_kernels [options]
 
 if __name__ == "__main__":
     raise SystemExit(main())
