@@ -19,11 +19,20 @@ from bench import output as O
 from bench.cli import module_entry
 from bench.tools import require_cuda
 from bench.tools.profile_kernels import compiler_report
-from sparge_compile import reference as R
-from sparge_compile.kernels import backward as bwd_mod
-from sparge_compile.kernels import forward as fwd_mod
-from sparge_compile.kernels import mask as mask_mod
-from sparge_compile.kernels import torch_impl
+
+
+class _Modules:
+    """The library's kernel modules, imported on first use (after the CUDA check): importing
+    them fixes Triton's interpreter mode (TRITON_INTERPRET) for the process, and the CPU tests
+    build this tool's parser."""
+
+    def __getattr__(self, name):
+        import importlib
+
+        return importlib.import_module("sparge_compile." + ("" if name == "reference" else "kernels.") + name)
+
+
+K = _Modules()
 
 COMMON_ARGS = False  # no --quick: a GPU tool
 SELECT_LAUNCHES = ((8, 4), (8, 2), (4, 2), (4, 1), (2, 1), (16, 4), (16, 8), (1, 1))  # (rows, warps)
@@ -65,24 +74,24 @@ def rel(a, b):
 
 def sort_transpose(num, idx, nk):
     """The previous transposed-index builder (torch sort), for comparison."""
-    dense = torch_impl.indices_to_dense(num, idx, nk).transpose(-2, -1).contiguous()
+    dense = K.torch_impl.indices_to_dense(num, idx, nk).transpose(-2, -1).contiguous()
     return dense.sum(-1, dtype=torch.int32), torch.sort((~dense).to(torch.int8), dim=-1, stable=True).indices
 
 
 def prediction(res, q, k, cfg, N, D) -> None:
     """Pooling, prediction and the score / selection kernels alone."""
     B, H = q.shape[:2]
-    res["pool_qk_fused"] = bench(lambda: mask_mod.pool_qk_triton(q, k, 128, 64))
-    qb, kb = mask_mod.pool_qk_triton(q, k, 128, 64)
-    res["pool_qk_equal"] = bool(torch.allclose(qb, R.pool_blocks(q.float(), 128), atol=1e-5)
-                                and torch.allclose(kb, R.pool_blocks(k.float(), 64), atol=1e-5))
+    res["pool_qk_fused"] = bench(lambda: K.mask.pool_qk_triton(q, k, 128, 64))
+    qb, kb = K.mask.pool_qk_triton(q, k, 128, 64)
+    res["pool_qk_equal"] = bool(torch.allclose(qb, K.reference.pool_blocks(q.float(), 128), atol=1e-5)
+                                and torch.allclose(kb, K.reference.pool_blocks(k.float(), 64), atol=1e-5))
     res["predict_default"] = bench(lambda: sc.predict_block_mask(q, k, config=sc.SpargeConfig()))
     res["predict_topk"] = bench(lambda: sc.predict_block_mask(q, k, config=cfg))
     # the selection kernel alone, by (query blocks per program, warps), on the hybrid default
     scores = torch.empty(B, H, N // 128, N // 64, device="cuda")
 
     def score():
-        mask_mod._score_kernel[(N // 128 // 64 or 1, N // 64 // 64, B * H)](
+        K.mask._score_kernel[(N // 128 // 64 or 1, N // 64 // 64, B * H)](
             qb, kb, scores, D ** -0.5, H, 1, N // 128, N // 64, TILE=64, BLOCK_D=D, PREC="tf32x3",
             num_warps=4)
     score()
@@ -90,7 +99,7 @@ def prediction(res, q, k, cfg, N, D) -> None:
     dc = sc.SpargeConfig()
 
     def select(*launch):
-        return mask_mod.select_triton(scores, N, N, False, dc.topk, dc.topp, "hybrid", 128, 64, *launch)
+        return K.mask.select_triton(scores, N, N, False, dc.topk, dc.topp, "hybrid", 128, 64, *launch)
     base_sel, sel = select(), {}
     for bm, w in SELECT_LAUNCHES:
         got = select(bm, w)
@@ -110,7 +119,7 @@ def forward_variants(q, k, v, num, idx, scale, ref, which: str) -> dict:
     for var in variants:
         name = "fwd_" + "_".join(f"{a}{int(b)}" for a, b in var.items())
         fwd[name] = checked_time(
-            lambda var=var: fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64, **var),
+            lambda var=var: K.forward.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64, **var),
             lambda out: rel(out[0][:, :2], ref))
         print(name, fwd[name], flush=True)
     return fwd
@@ -121,7 +130,7 @@ def dense_mask(q, k, v, scale, flex) -> dict:
     dm = sc.predict_block_mask(q, k, config=sc.SpargeConfig(topk=1.0, topp=0.0, mode="topk"))
     dense = {}
     for t in (False, True):
-        dense[f"fwd_tma{int(t)}"] = bench(lambda t=t: fwd_mod.attention_fwd_triton(
+        dense[f"fwd_tma{int(t)}"] = bench(lambda t=t: K.forward.attention_fwd_triton(
             q, k, v, dm.kv_num_blocks, dm.kv_indices, scale, False, 128, 64, use_tma=t), rep=50)
     dbm = dm.to_flex()
     dense["flex_fwd"] = bench(lambda: flex(q, k, v, block_mask=dbm), rep=50)
@@ -132,9 +141,9 @@ def dense_mask(q, k, v, scale, flex) -> dict:
 def transpose(res, num, idx) -> None:
     """The backward's transposed index: the Triton builder vs the previous torch sort."""
     res["transpose_sort"] = bench(lambda: sort_transpose(num, idx, idx.shape[-1]))
-    res["transpose_new"] = bench(lambda: torch_impl.transpose_indices(num, idx, idx.shape[-1]))
+    res["transpose_new"] = bench(lambda: K.torch_impl.transpose_indices(num, idx, idx.shape[-1]))
     qn1, qi1 = sort_transpose(num, idx, idx.shape[-1])
-    qn2, qi2 = torch_impl.transpose_indices(num, idx, idx.shape[-1])
+    qn2, qi2 = K.torch_impl.transpose_indices(num, idx, idx.shape[-1])
     res["transpose_equal"] = bool(torch.equal(qn1, qn2) and torch.equal(qi1.int(), qi2))
 
 
@@ -152,16 +161,16 @@ def backward_settings(which: str) -> list[dict]:
 
 def backward_variants(do, q, k, v, num, idx, scale, ref, ref_lse, which: str) -> dict:
     """Backward time and gradient errors (first 2 heads, vs float32) per setting."""
-    o, lse = fwd_mod.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)
+    o, lse = K.forward.attention_fwd_triton(q, k, v, num, idx, scale, False, 128, 64)
     qf, kf, vf = (x[:, :2].float() for x in (q, k, v))
-    gref = torch_impl.attention_bwd(do[:, :2].float(), qf, kf, vf, ref, ref_lse, num[:, :2], idx[:, :2],
+    gref = K.torch_impl.attention_bwd(do[:, :2].float(), qf, kf, vf, ref, ref_lse, num[:, :2], idx[:, :2],
                                     scale, False, 128, 64)
     bwd = {}
     for var in backward_settings(which):
         name = "bwd_" + ("_".join(f"{a}{int(b)}" for a, b in var.items()) or "default")
         bwd[name] = checked_time(
-            lambda var=var: bwd_mod.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False, 128, 64,
-                                                         **var),
+            lambda var=var: K.backward.attention_bwd_triton(do, q, k, v, o, lse, num, idx, scale, False,
+                                                            128, 64, **var),
             lambda grads: [rel(a[:, :2], b) for a, b in zip(grads, gref)])
         print(name, bwd[name], flush=True)
     return bwd
@@ -195,7 +204,7 @@ def run(args) -> dict:
     num, idx = m.kv_num_blocks, m.kv_indices
     res["sparsity"] = m.sparsity()
     prediction(res, q, k, cfg, N, D)
-    ref, ref_lse = torch_impl.attention_fwd(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
+    ref, ref_lse = K.torch_impl.attention_fwd(q[:, :2].float(), k[:, :2].float(), v[:, :2].float(),
                                             num[:, :2], idx[:, :2], scale, False, 128, 64)
     print(json.dumps(res), flush=True)
     res["fwd"] = forward_variants(q, k, v, num, idx, scale, ref, args.fwd_variants)
