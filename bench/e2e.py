@@ -272,89 +272,111 @@ def add_args(p: argparse.ArgumentParser, standalone: bool = True) -> None:
                    help="sparge min_seq_len (default 1024: the 512-token cross-attention stays dense)")
 
 
-def run(args) -> dict:
-    from sparge_compile import SpargeConfig
-
-    out = Path(args.out)
+def settings(args, dtype) -> dict:
+    """The run's sizes and options (``result["args"]``): --quick or full size."""
     quick = bool(getattr(args, "quick", False))
-    device = C.pick_device(quick)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     grid = tuple(int(x) for x in (args.e2e_grid or ("4,8,8" if quick else "21,30,52")).split(","))
     dim, heads, ffn, text_len = (64, 2, 128, 16) if quick else (1536, 12, 8960, 512)
-    depth = args.depth or (2 if quick else 4)
-    N = grid[0] * grid[1] * grid[2]
-    D = dim // heads
-    bq, bk = (32, 16) if quick else (128, 64)
-    train = not args.no_train
     sparsities = ([float(x) / (100 if float(x) > 1 else 1) for x in args.e2e_sparsities.split(",")]
                   if args.e2e_sparsities else (QUICK_SPARSITIES if quick else FULL_SPARSITIES))
-    dense_backend = args.dense_backend or ("none" if quick else "inductor")
-    inner = args.inner_backend or ("eager" if quick else None)
-    mode = getattr(args, "mode", None)
-    new_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None
-    min_seq_len = args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024)
-    timing = dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False)
+    bq, bk = (32, 16) if quick else (128, 64)
+    return dict(dim=dim, heads=heads, ffn=ffn, depth=args.depth or (2 if quick else 4), grid=list(grid),
+                tokens=grid[0] * grid[1] * grid[2], text_len=text_len, dtype=str(dtype).replace("torch.", ""),
+                B=1, train=not args.no_train, sparsities=sparsities,
+                dense_backend=args.dense_backend or ("none" if quick else "inductor"),
+                inner_backend=args.inner_backend or ("eager" if quick else None),
+                mode=getattr(args, "mode", None),
+                min_seq_len=args.min_seq_len if args.min_seq_len is not None else (64 if quick else 1024),
+                block_q=bq, block_k=bk, quick=quick)
+
+
+def dense_row(model, inputs, a: dict, env: dict) -> tuple[dict, torch.Tensor | None]:
+    """The blocks compiled with the dense backend: the row, and the output the others are compared with."""
+    print(f"[e2e] dense, backend={a['dense_backend']!r}, N={a['tokens']}, depth={a['depth']}", flush=True)
+    errors: dict = {}
+    compile_blocks(model, a["dense_backend"], None, a["mode"])
+    res, ref = measure_model(model, inputs, env["device"], env["timing"], a["train"], errors, "m",
+                             new_step=env["new_step"], one_compile=a["quick"])
+    att = attention_alone(1, a["heads"], a["tokens"], a["dim"] // a["heads"], env["device"], env["dtype"],
+                          env["timing"], a["train"], errors)
+    return _row("dense", None, res, att, a["depth"], errors), ref
+
+
+def sparse_options(s: float, a: dict) -> dict:
+    """The backend options at target sparsity ``s`` (mode top-k: topk = 1 - s, topp = 0)."""
+    opts = {"topk": round(1.0 - s, 6), "topp": 0.0, "min_seq_len": a["min_seq_len"]}
+    if a["quick"]:
+        opts.update(block_q=a["block_q"], block_k=a["block_k"])
+    if a["inner_backend"]:
+        opts["inner"] = a["inner_backend"]
+    return opts
+
+
+def add_sites(row: dict, errors: dict, model, before: int) -> None:
+    """The backend's report of this compile, its sites rewritten, and their measured sparsity."""
+    row["report"] = C.guarded(lambda: explain(model, before), errors, "explain")
+    sites = (row["report"] or {}).get("sites") or []
+    if sites:
+        rw = [x for x in sites if x.get("rewritten")]
+        row["sites"] = f"{len(rw)}/{len(sites)}"
+        sp = [x["sparsity"] for x in rw if x.get("sparsity") is not None]
+        if sp:
+            row["sparsity"] = sum(sp) / len(sp)  # measured by the compiled model's sites
+
+
+def sparse_row(model, inputs, s: float, a: dict, env: dict, ref, dense: dict) -> dict:
+    """The blocks compiled with "sparge" at target sparsity ``s``; speed-ups against ``dense``."""
+    from sparge_compile import SpargeConfig
+
+    print(f"[e2e] sparge at {100 * s:g}%", flush=True)
+    errors: dict = {}
+    opts = sparse_options(s, a)
+    cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=a["block_q"], block_k=a["block_k"], mode="hybrid",
+                       min_seq_len=a["min_seq_len"])
+    before = C.guarded(lambda: n_graphs(model), errors, "explain") or 0
+    compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts, a["mode"]) or True, errors,
+                         "sparge_compile")
+    res = {}
+    if compiled:  # never time the previous (dense) compile under the sparge label
+        res, _ = measure_model(model, inputs, env["device"], env["timing"], a["train"], errors, "m", ref=ref,
+                               new_step=env["new_step"], one_compile=a["quick"])
+    att = attention_alone(1, a["heads"], a["tokens"], a["dim"] // a["heads"], env["device"], env["dtype"],
+                          env["timing"], a["train"], errors, config=cfg)
+    row = _row("sparge", s, res, att, a["depth"], errors)
+    row["options"] = opts
+    add_sites(row, errors, model, before)
+    row["speedup_fwd"] = C.ratio(dense.get("fwd_ms"), row.get("fwd_ms"))
+    row["speedup_train"] = C.ratio(dense.get("train_ms"), row.get("train_ms"))
+    return row
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    device = C.pick_device(bool(getattr(args, "quick", False)))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = settings(args, dtype)
+    env = dict(device=device, dtype=dtype, timing=dict(warmup=25, rep=100, cpu_iters=1, cpu_warmup=False),
+               new_step=torch.compiler.cudagraph_mark_step_begin if a["mode"] == "reduce-overhead" else None)
     C.bump_dynamo_cache()
-    result = {"benchmark": "e2e", "env": C.environment(device), "command": O.command_line(),
-              "args": dict(dim=dim, heads=heads, ffn=ffn, depth=depth, grid=list(grid), tokens=N,
-                           text_len=text_len, dtype=str(dtype).replace("torch.", ""), B=1, train=train,
-                           sparsities=sparsities, dense_backend=dense_backend, inner_backend=inner,
-                           mode=mode,
-                           min_seq_len=min_seq_len, block_q=bq, block_k=bk, quick=quick),
+    result = {"benchmark": "e2e", "env": C.environment(device), "command": O.command_line(), "args": a,
               "rows": []}
     t_start = time.perf_counter()
     torch.manual_seed(0)
     with C.torch_path_on_cpu(device):
-        model = WanStack(dim, heads, ffn, depth, grid).to(device=device, dtype=dtype).eval()
+        model = WanStack(a["dim"], a["heads"], a["ffn"], a["depth"], tuple(a["grid"]))
+        model = model.to(device=device, dtype=dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        inputs = (data.randn((1, N, dim), device, dtype, seed=1),
-                  data.randn((1, 6, dim), device, dtype, seed=2) * 0.1,
-                  data.randn((1, text_len, dim), device, dtype, seed=3))
-
+        inputs = (data.randn((1, a["tokens"], a["dim"]), device, dtype, seed=1),
+                  data.randn((1, 6, a["dim"]), device, dtype, seed=2) * 0.1,
+                  data.randn((1, a["text_len"], a["dim"]), device, dtype, seed=3))
         dense, ref = {}, None
         if not getattr(args, "no_dense", False):
-            print(f"[e2e] dense, backend={dense_backend!r}, N={N}, depth={depth}", flush=True)
-            errors: dict = {}
-            compile_blocks(model, dense_backend, None, mode)
-            res, ref = measure_model(model, inputs, device, timing, train, errors, "m", new_step=new_step,
-                                     one_compile=quick)
-            att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors)
-            dense = _row("dense", None, res, att, depth, errors)
+            dense, ref = dense_row(model, inputs, a, env)
             result["rows"].append(dense)
             write(result, out, plots=False)
-
-        for s in sparsities:
-            print(f"[e2e] sparge at {100 * s:g}%", flush=True)
-            errors = {}
-            opts = {"topk": round(1.0 - s, 6), "topp": 0.0, "min_seq_len": min_seq_len}
-            if quick:
-                opts.update(block_q=bq, block_k=bk)
-            if inner:
-                opts["inner"] = inner
-            cfg = SpargeConfig(topk=opts["topk"], topp=0.0, block_q=bq, block_k=bk, mode="hybrid",
-                               min_seq_len=min_seq_len)
-            before = C.guarded(lambda: n_graphs(model), errors, "explain") or 0
-            compiled = C.guarded(lambda: compile_blocks(model, "sparge", opts, mode) or True, errors,
-                                 "sparge_compile")
-            res = {}
-            if compiled:  # never time the previous (dense) compile under the sparge label
-                res, _ = measure_model(model, inputs, device, timing, train, errors, "m", ref=ref,
-                                       new_step=new_step, one_compile=quick)
-            att = attention_alone(1, heads, N, D, device, dtype, timing, train, errors, config=cfg)
-            row = _row("sparge", s, res, att, depth, errors)
-            row["options"] = opts
-            row["report"] = C.guarded(lambda: explain(model, before), errors, "explain")
-            sites = (row["report"] or {}).get("sites") or []
-            if sites:
-                rw = [x for x in sites if x.get("rewritten")]
-                row["sites"] = f"{len(rw)}/{len(sites)}"
-                sp = [x["sparsity"] for x in rw if x.get("sparsity") is not None]
-                if sp:
-                    row["sparsity"] = sum(sp) / len(sp)  # measured by the compiled model's sites
-            row["speedup_fwd"] = C.ratio(dense.get("fwd_ms"), row.get("fwd_ms"))
-            row["speedup_train"] = C.ratio(dense.get("train_ms"), row.get("train_ms"))
-            result["rows"].append(row)
+        for s in a["sparsities"]:
+            result["rows"].append(sparse_row(model, inputs, s, a, env, ref, dense))
             result["seconds"] = time.perf_counter() - t_start
             write(result, out, plots=False)
     torch._dynamo.reset()
