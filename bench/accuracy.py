@@ -17,24 +17,25 @@ masked attention is computed in float32 with SDPA and a boolean mask, so the err
 alone (not the kernel's). Each hybrid point is compared with the better single rule at the same
 sparsity (linear interpolation along each single rule's sweep): column ``hybrid_vs_best_single``.
 
-    python -m bench.accuracy --out results
-    python -m bench.accuracy --quick --out /tmp/b
+    python -m bench accuracy --out results
+    python -m bench accuracy --quick --out /tmp/b
+
+The generators are in :mod:`bench.data` (``video_qkv``, ``trained_qkv``).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python bench/accuracy.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
 
 from bench import common as C
+from bench import output as O
+from bench.cli import module_entry
+from bench.data import trained_qkv, video_qkv
 
 RULES = ("topk", "topp", "hybrid")
 FULL_TOPK = [0.01, 0.02, 0.03, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5]
@@ -48,163 +49,6 @@ HEAD_KINDS_QUICK = ["local", "sink", "flat", "mixed"]
 TARGETS = [0.5, 0.8, 0.9, 0.95, 0.97]
 FLAT_ENTROPY = 0.9   # a row is "flat" if the entropy of its block scores is >= 90% of log(n)
 SINK_MASS = 0.5      # a row is "sink-dominated" if one key block holds >= 50% of its block-score mass
-
-
-# --------------------------------------------------------------------------------------------
-# The synthetic video-like generator
-
-
-def _smooth_field(C_: int, T: int, Hh: int, W: int, sigma: tuple, gen, device) -> torch.Tensor:
-    """(T*Hh*W, C_) Gaussian-smoothed noise, unit variance per channel: locally correlated."""
-    x = torch.randn(1, C_, T, Hh, W, generator=gen, device=device)
-    for axis, s in zip((2, 3, 4), sigma):
-        if s <= 0:
-            continue
-        r = max(1, int(math.ceil(2.5 * s)))
-        t = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
-        w = torch.exp(-0.5 * (t / s) ** 2)
-        w = (w / w.sum()).view(1, 1, -1, 1, 1) if axis == 2 else (
-            (w / w.sum()).view(1, 1, 1, -1, 1) if axis == 3 else (w / w.sum()).view(1, 1, 1, 1, -1))
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = r
-        x = F.pad(x, pad, mode="replicate")
-        x = F.conv3d(x, w.expand(C_, 1, *w.shape[2:]).contiguous(), groups=C_)
-    x = x.reshape(C_, -1).t()
-    return (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
-
-
-def rope_tables(T: int, Hh: int, W: int, D: int, device=None, theta: float = 10000.0):
-    """cos, sin (T*Hh*W, D/2) of the Wan-style 3-D rotary embedding: D/2 pairs split over (t, h, w)."""
-    half = D // 2
-    nh = half // 3
-    nt = half - 2 * nh
-    t, h, w = torch.meshgrid(torch.arange(T, device=device), torch.arange(Hh, device=device),
-                             torch.arange(W, device=device), indexing="ij")
-
-    def freqs(n):
-        return theta ** (-torch.arange(n, device=device, dtype=torch.float32) / max(1, n))
-
-    ang = torch.cat([t.reshape(-1, 1) * freqs(nt), h.reshape(-1, 1) * freqs(nh),
-                     w.reshape(-1, 1) * freqs(nh)], dim=-1)  # (N, half)
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the (even, odd) pairs of x (..., N, D) by the tables of :func:`rope_tables` (float32)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    a, b = xp[..., 0], xp[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(x.shape)
-
-
-def rope_3d(x: torch.Tensor, T: int, Hh: int, W: int, theta: float = 10000.0) -> torch.Tensor:
-    """Wan-style 3-D rotary embedding on (..., N, D): D/2 rotation pairs split over (t, h, w)."""
-    return apply_rope(x, *rope_tables(T, Hh, W, x.shape[-1], x.device, theta))
-
-
-def video_qkv(T: int, Hh: int, W: int, kinds: list[str], D: int, device, seed: int = 0,
-              sink_tokens: int = 128):
-    """Synthetic (q, k, v), each (1, H, T*Hh*W, D) float32, one head per entry of ``kinds``."""
-    gen = C.generator(device, seed)
-    N = T * Hh * W
-    qs, ks, vs = [], [], []
-    for kind in kinds:
-        z = _smooth_field(D, T, Hh, W, (1.0, 2.0, 2.0), gen, device)
-        nq = torch.randn(N, D, generator=gen, device=device)
-        nk = torch.randn(N, D, generator=gen, device=device)
-        amp = {"local": 1.0, "sink": 0.3, "flat": 0.05, "mixed": 1.0}[kind]
-        q = rope_3d(amp * (z + 0.5 * nq), T, Hh, W)
-        k = rope_3d(z + 0.5 * nk, T, Hh, W)
-        if kind in ("sink", "mixed"):
-            u = torch.randn(D, generator=gen, device=device)
-            u = u / u.norm()
-            ns = min(sink_tokens, N)
-            # sink logit L for every query: ns * e^L ~ (1.5 | 0.3) * N  => sink holds ~60% | ~25%
-            share = 1.5 if kind == "sink" else 0.3
-            L = math.log(share * N / ns)
-            k[:ns] = k[:ns] * 0.2 + math.sqrt(D) * u
-            q = q + L * u
-        v = _smooth_field(D, T, Hh, W, (1.0, 1.5, 1.5), gen, device) + 0.3 * torch.randn(
-            N, D, generator=gen, device=device)
-        qs.append(q)
-        ks.append(k)
-        vs.append(v)
-    return tuple(torch.stack(x)[None].contiguous() for x in (qs, ks, vs))
-
-
-# --------------------------------------------------------------------------------------------
-# A tiny trained model (procedural data, no downloads)
-
-
-def trained_qkv(T: int, Hh: int, W: int, D: int, heads: int, device, steps: int, seed: int = 0,
-                width: int | None = None, layers: int = 2):
-    """Q/K/V of the last layer of a tiny video transformer trained on moving blobs.
-
-    The task: predict frame t+1 of a video of Gaussian blobs moving at constant velocity from
-    frames <= t, one token per pixel, 3-D RoPE. After ``steps`` AdamW steps the attention is
-    whatever training made of it. Returns (q, k, v) as (1, heads, T*Hh*W, D) float32 and the
-    final training loss.
-    """
-    torch.manual_seed(seed)
-    width = width or heads * D
-    N = T * Hh * W
-
-    def make_batch(bs):
-        g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,)).item()))
-        tt = torch.arange(T, device=device, dtype=torch.float32).view(1, 1, T, 1, 1)
-        yy = torch.arange(Hh, device=device, dtype=torch.float32).view(1, 1, 1, Hh, 1)
-        xx = torch.arange(W, device=device, dtype=torch.float32).view(1, 1, 1, 1, W)
-        nb = 3
-        c = torch.rand(bs, nb, 2, generator=g, device=device) * torch.tensor([Hh, W], device=device)
-        vel = (torch.rand(bs, nb, 2, generator=g, device=device) - 0.5) * 2.0
-        r = 1.0 + torch.rand(bs, nb, 1, 1, 1, generator=g, device=device) * 2.0
-        cy = (c[..., 0].view(bs, nb, 1, 1, 1) + vel[..., 0].view(bs, nb, 1, 1, 1) * tt) % Hh
-        cx = (c[..., 1].view(bs, nb, 1, 1, 1) + vel[..., 1].view(bs, nb, 1, 1, 1) * tt) % W
-        img = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r ** 2)).sum(1)  # (bs, T, Hh, W)
-        return img.reshape(bs, N, 1)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.n1 = torch.nn.LayerNorm(width)
-            self.qkv = torch.nn.Linear(width, 3 * heads * D)
-            self.o = torch.nn.Linear(heads * D, width)
-            self.n2 = torch.nn.LayerNorm(width)
-            self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
-                                           torch.nn.Linear(2 * width, width))
-            self.captured = None
-
-        def forward(self, x):
-            B = x.shape[0]
-            q, k, v = self.qkv(self.n1(x)).view(B, N, 3, heads, D).permute(2, 0, 3, 1, 4)
-            q, k = rope_3d(q, T, Hh, W), rope_3d(k, T, Hh, W)
-            self.captured = (q.detach(), k.detach(), v.detach())
-            a = F.scaled_dot_product_attention(q, k, v)
-            x = x + self.o(a.transpose(1, 2).reshape(B, N, heads * D))
-            return x + self.mlp(self.n2(x))
-
-    emb = torch.nn.Linear(1, width).to(device)
-    blocks = torch.nn.ModuleList([Block() for _ in range(layers)]).to(device)
-    head = torch.nn.Linear(width, 1).to(device)
-    params = [*emb.parameters(), *blocks.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=3e-4)
-    frame = Hh * W
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        x = make_batch(4)
-        h = emb(x)
-        for b in blocks:
-            h = b(h)
-        pred = head(h)[:, :-frame]
-        loss = F.mse_loss(pred, x[:, frame:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        h = emb(make_batch(1))
-        for b in blocks:
-            h = b(h)
-    q, k, v = (t.float().contiguous() for t in blocks[-1].captured)
-    return (q, k, v), float(loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +166,8 @@ def frontier(rows: list[dict], targets, key: str = "rel_l1", tol: float = 0.02) 
         r = {"sparsity_target": s}
         for rule in RULES:
             front = pareto([x for x in rows if x["rule"] == rule], key)
-            for name, k in (("", key), ("_flat_rows", f"{key}_flat_rows"), ("_sink_rows", f"{key}_sink_rows")):
+            for name in ("", "_flat_rows", "_sink_rows"):
+                k = key + name
                 pts = [(x["sparsity"], x[k]) for x in front if x.get(k) is not None]
                 r[f"{rule}_err{name}"] = _interp(pts, s) if len(pts) == len(front) else None
         singles = [r[f"{x}_err"] for x in ("topk", "topp") if r[f"{x}_err"] is not None]
@@ -347,7 +192,8 @@ FRONTIER_COLUMNS = [("sparsity_target", "sparsity"),
                     ("topk_err_flat_rows", "top-k flat rows"), ("topp_err_flat_rows", "top-p flat rows"),
                     ("hybrid_err_flat_rows", "hybrid flat rows"),
                     ("topk_err_sink_rows", "top-k sink rows"), ("topp_err_sink_rows", "top-p sink rows"),
-                    ("hybrid_err_sink_rows", "hybrid sink rows"), ("hybrid_not_worse", "hybrid <= best single")]
+                    ("hybrid_err_sink_rows", "hybrid sink rows"),
+                    ("hybrid_not_worse", "hybrid <= best single")]
 
 
 def markdown(result: dict) -> list[tuple[str, str]]:
@@ -359,25 +205,28 @@ def markdown(result: dict) -> list[tuple[str, str]]:
         n_ok = sum(bool(r["hybrid_not_worse"]) for r in hyb)
         head = (f"{src.get('description', '')}\n\nRow kinds (from block scores): "
                 f"flat {100 * share.get('flat', 0):.1f}%, sink-dominated {100 * share.get('sink', 0):.1f}%, "
-                f"other {100 * share.get('other', 0):.1f}% of query blocks. Hybrid points not worse than the "
-                f"better single rule at the same sparsity (2% tolerance): {n_ok} of {len(hyb)} comparable.\n\n")
+                f"other {100 * share.get('other', 0):.1f}% of query blocks. Hybrid points not worse than "
+                f"the better single rule at the same sparsity (2% tolerance): {n_ok} of {len(hyb)} "
+                "comparable.\n\n")
         secs.append((f"{name}: relative L1 error per rule at equal sparsity (Pareto front, interpolated)",
-                     head + C.table(src["frontier"], FRONTIER_COLUMNS)))
-        secs.append((f"{name}: the sweep", C.table(src["rows"], SWEEP_COLUMNS)))
+                     head + O.table(src["frontier"], FRONTIER_COLUMNS)))
+        secs.append((f"{name}: the sweep", O.table(src["rows"], SWEEP_COLUMNS)))
     if result.get("errors"):
         secs.append(("Failures", "\n".join(f"- {k}: {v}" for k, v in result["errors"].items())))
     return secs
 
 
 def plot(result: dict, path: Path):
-    plt = C.plt()
+    plt = O.plt()
     if plt is None or not result["sources"]:
         return None
     panels = [("rel_l1", "all rows"), ("rel_l1_flat_rows", "flat rows"), ("rel_l1_sink_rows", "sink rows"),
               ("rel_l1_other_rows", "other rows")]
     srcs = result["sources"]
-    fig, axes = plt.subplots(len(srcs), len(panels), figsize=(4 * len(panels), 3.4 * len(srcs)), squeeze=False)
-    style = {"topk": dict(marker="o", ls="-"), "topp": dict(marker="s", ls="-"), "hybrid": dict(marker="^", ls="")}
+    fig, axes = plt.subplots(len(srcs), len(panels), figsize=(4 * len(panels), 3.4 * len(srcs)),
+                             squeeze=False)
+    style = {"topk": dict(marker="o", ls="-"), "topp": dict(marker="s", ls="-"),
+             "hybrid": dict(marker="^", ls="")}
     for i, src in enumerate(srcs):
         for j, (key, title) in enumerate(panels):
             ax = axes[i][j]
@@ -392,20 +241,13 @@ def plot(result: dict, path: Path):
             ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=8, loc="upper left")
-    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
+    return O.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
     """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
-    out = Path(out)
-    files = {"json": str(C.write_json(out / "accuracy.json", result))}
-    files["md"] = str(C.write_markdown(out / "accuracy.md", "Accuracy vs sparsity per mask rule",
-                                       markdown(result), result["env"], result.get("command")))
-    png = plots and C.guarded(lambda: plot(result, out / "accuracy.png"),
-                              result.setdefault("errors", {}), "plot")
-    if png:
-        files["png"] = str(png)
-    return files
+    return O.write_result(out, "accuracy", "Accuracy vs sparsity per mask rule", result, markdown(result),
+                          plot if plots else None, plot_errors="errors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +266,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-grid", default="8,16,16", help="T,H,W of the trained source's grid")
 
 
-def run(args, out: Path | None = None) -> dict:
+def run(args) -> dict:
+    out = Path(args.out)
     quick = bool(getattr(args, "quick", False))
     device = C.pick_device(quick)
     T, Hh, W = (int(x) for x in (args.grid or ("4,8,8" if quick else "21,30,52")).split(","))
@@ -434,7 +277,7 @@ def run(args, out: Path | None = None) -> dict:
     sources = (args.sources or ("video" if quick else "video,trained")).split(",")
     grids = ({"topk": QUICK_TOPK, "topp": QUICK_TOPP, "hybrid": QUICK_HYBRID} if quick else
              {"topk": FULL_TOPK, "topp": FULL_TOPP, "hybrid": FULL_HYBRID})
-    result = {"benchmark": "accuracy", "env": C.environment(device), "command": C.command_line(),
+    result = {"benchmark": "accuracy", "env": C.environment(device), "command": O.command_line(),
               "args": dict(grid=[T, Hh, W], head_dim=D, block_q=bq, block_k=bk, sources=sources,
                            quick=quick, flat_entropy=FLAT_ENTROPY, sink_mass=SINK_MASS),
               "sources": [], "errors": {}}
@@ -473,17 +316,13 @@ def run(args, out: Path | None = None) -> dict:
                    "frontier": frontier(rows, [0.5, 0.7] if quick else TARGETS)}
             result["sources"].append(src)
             result["seconds"] = time.perf_counter() - t0
-            if out is not None:
-                write(result, out, plots=False)
+            write(result, out, plots=False)
     result["seconds"] = time.perf_counter() - t0
-    if out is not None:
-        result["files"] = write(result, out)
+    result["files"] = write(result, out)
     return result
 
 
-def main(argv=None) -> int:
-    return C.module_main(sys.modules[__name__], argv)
-
+main = module_entry(__spec__.name)  # python -m bench.accuracy [options]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,9 @@
 """Calibration: sc.calibrate on a 30-block DiT stack at Wan2.1-1.3B's attention size, and the
 output error of the calibrated plan against one global (topk, topp) at the same sparsity.
 
-The model: ``bench.e2e``'s Wan-style blocks (hidden 1536, 12 heads of 128, FFN 8960, 3-D RoPE,
-cross-attention to 512 text tokens, adaLN modulation), 30 of them, random weights, bf16,
+The model: :func:`bench.models.calibration_stack`, Wan-style blocks (hidden 1536, 12 heads of
+128, FFN 8960, 3-D RoPE, cross-attention to 512 text tokens, adaLN modulation), 30 of them,
+random weights, bf16,
 N = 21 x 30 x 52 = 32760 tokens. Random weights give every layer the same, nearly flat
 attention; trained models do not (some layers are local and peaked, others broad). So each
 block gets, reproducibly from the seed: a q/k "temperature" (the RMSNorm gain of q, log-uniform
@@ -25,79 +26,22 @@ Measured (held-out batch, not used for calibration):
   own baseline): overall sparsity of the rewritten sites, and the output's relative L2 / L1
   error against the dense model
 
-    python -m bench.calibrate --out results            # GPU, ~2-4 min
-    python -m bench.calibrate --quick --out /tmp/b     # tiny, CPU, seconds
+    python -m bench calibrate --out results            # GPU, ~2-4 min
+    python -m bench calibrate --quick --out /tmp/b     # tiny, CPU, seconds
 """
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python bench/calibrate.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
-from torch import nn
 
 from bench import common as C
-from bench.accuracy import _smooth_field, rope_tables
-from bench.e2e import WanBlock
-
-
-# --------------------------------------------------------------------------------------------
-# The model: bench.e2e's WanBlock, the RoPE tables computed once (a smaller graph to trace)
-
-
-class Stack(nn.Module):
-    def __init__(self, dim, heads, ffn, depth, grid):
-        super().__init__()
-        self.blocks = nn.ModuleList(WanBlock(dim, heads, ffn, grid) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, dim)
-        cos, sin = rope_tables(*grid, dim // heads, "cpu")
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, x, e, ctx):
-        for b in self.blocks:
-            x = b(x, e, ctx, rope=(self.cos, self.sin))
-        return self.head(self.norm(x))
-
-
-@torch.no_grad()
-def build(dim, heads, ffn, depth, grid, device, dtype, gain_range, tie, v_bias=0.0,
-          seed=0) -> tuple[Stack, list]:
-    torch.manual_seed(seed)
-    with torch.device(device):   # initialise on the device: 1.4 B parameters at full size
-        model = Stack(dim, heads, ffn, depth, grid)
-    g = torch.Generator().manual_seed(seed + 1)
-    lo, hi = math.log(gain_range[0]), math.log(gain_range[1])
-    gains = torch.exp(lo + (hi - lo) * torch.rand(depth, generator=g)).tolist()
-    for blk, gain in zip(model.blocks, gains):
-        w = blk.qkv.weight
-        wq, wk = w[:dim], w[dim:2 * dim]
-        wk.copy_(tie * wq + math.sqrt(max(0.0, 1 - tie * tie)) * wk)
-        blk.norm_q.weight.fill_(gain)
-        blk.qkv.bias[2 * dim:].copy_(v_bias * torch.randn(dim, generator=g))
-        blk.modulation[:, 2].add_(1.0)   # the self-attention gate a1 ~ 1
-    model = model.to(device=device, dtype=dtype).eval()
-    model.cos, model.sin = model.cos.float(), model.sin.float()   # RoPE tables stay float32
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, gains
-
-
-def make_batch(N, dim, grid, text_len, device, dtype, seed):
-    gen = C.generator(device, seed)
-    x = _smooth_field(dim, *grid, (1.0, 2.0, 2.0), gen, device)
-    x = x + 0.3 * torch.randn(x.shape, generator=gen, device=device)
-    e = 0.1 * torch.randn(1, 6, dim, generator=gen, device=device)
-    ctx = torch.randn(1, text_len, dim, generator=gen, device=device)
-    return tuple(t.to(dtype) for t in (x[None], e, ctx))
-
+from bench import data
+from bench import output as O
+from bench.cli import module_entry
+from bench.models import calibration_stack
 
 # --------------------------------------------------------------------------------------------
 
@@ -136,7 +80,7 @@ def markdown(result: dict) -> list[tuple[str, str]]:
                   f"statistics {cal.get('seconds_capture_and_stats', 0) - first:.1f} s, "
                   f"search {cal.get('seconds_search', 0):.2f} s, check {cal.get('seconds_check', 0):.1f} s); "
                   f"{'under' if t < 60 else 'OVER'} 60 s.\n\n")
-    secs = [("Calibrated plan vs one global (topk, topp)", note + timing + C.table(result["rows"], COLUMNS))]
+    secs = [("Calibrated plan vs one global (topk, topp)", note + timing + O.table(result["rows"], COLUMNS))]
     if result.get("plan_table"):
         secs.append(("The plan (calibration report)", "```\n" + result["plan_table"] + "\n```"))
     errs = result.get("errors") or {}
@@ -145,11 +89,8 @@ def markdown(result: dict) -> list[tuple[str, str]]:
 
 
 def write(result: dict, out: Path) -> dict:
-    out = Path(out)
-    files = {"json": str(C.write_json(out / "calibrate.json", result))}
-    files["md"] = str(C.write_markdown(out / "calibrate.md", "Calibration: per-site plan vs one global point",
-                                       markdown(result), result["env"], result.get("command")))
-    return files
+    return O.write_result(out, "calibrate", "Calibration: per-site plan vs one global point", result,
+                          markdown(result))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -165,103 +106,113 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-blocks", type=int, default=16, help="calibrate's sampled query blocks per head")
 
 
-def run(args, out: Path | None = None) -> dict:
-    import sparge_compile as sc
-
+def settings(args, device, dtype) -> dict:
+    """The run's sizes and options (``result["args"]``): --quick or full size."""
     quick = bool(getattr(args, "quick", False))
-    device = C.pick_device(quick)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     grid = tuple(int(x) for x in (args.grid or ("4,4,8" if quick else "21,30,52")).split(","))
     dim, heads, ffn, text_len = (64, 2, 128, 16) if quick else (1536, 12, 8960, 512)
-    depth = args.depth or (2 if quick else 30)
-    target = args.target if args.target is not None else (0.75 if quick else 0.95)
-    N = grid[0] * grid[1] * grid[2]
     bq, bk = (32, 16) if quick else (128, 64)
-    min_seq_len = 64 if quick else 1024
-    cfg = sc.SpargeConfig(block_q=bq, block_k=bk, min_seq_len=min_seq_len)
+    return dict(dim=dim, heads=heads, ffn=ffn, depth=args.depth or (2 if quick else 30), grid=list(grid),
+                tokens=grid[0] * grid[1] * grid[2], text_len=text_len, dtype=str(dtype).replace("torch.", ""),
+                target=args.target if args.target is not None else (0.75 if quick else 0.95),
+                batches=args.batches, gain_range=[args.gain_min, args.gain_max], tie=args.tie,
+                v_bias=args.v_bias, block_q=bq, block_k=bk, min_seq_len=64 if quick else 1024,
+                inner=args.inner, sample_blocks=args.sample_blocks, quick=quick)
+
+
+def prepare(a: dict, device, dtype, cfg, errors: dict):
+    """The model and its q gains, the calibration batches, the held-out batch and the dense
+    model's output on it; the Triton kernels compiled (outside the timed calibration)."""
+    import sparge_compile as sc
+
+    grid = tuple(a["grid"])
+    print(f"[calibrate] building {a['depth']} blocks, N={a['tokens']}", flush=True)
+    model, gains = calibration_stack(a["dim"], a["heads"], a["ffn"], a["depth"], grid, device, dtype,
+                                     a["gain_range"], a["tie"], a["v_bias"])
+    cal = [data.smooth_dit_batch(a["dim"], grid, a["text_len"], device, dtype, seed=10 + i)
+           for i in range(a["batches"])]
+    held = data.smooth_dit_batch(a["dim"], grid, a["text_len"], device, dtype, seed=99)
+    with torch.no_grad():
+        ref = model(*held)
+        # Triton compiles the mask and attention kernels on their first call (then caches them
+        # on disk): do that here, outside the timed calibration, on one head of the same shape
+        w = data.randn((1, 1, a["tokens"], a["dim"] // a["heads"]), device, dtype, seed=5)
+        C.guarded(lambda: sc.sparse_attention(w, w, w, config=cfg), errors, "warmup")
+    C.sync(device)
+    return model, gains, cal, held, ref
+
+
+def evaluate(result: dict, compiled, be, held, ref, device, name, choice, summary: dict) -> dict:
+    """One row: the compiled model's held-out output error and sparsity, beside the
+    calibration's own numbers (``summary``: the plan's or the global point's)."""
+    with torch.no_grad():
+        y = compiled(*held)
+    C.sync(device)
+    row = dict(variant=name, choice=choice, sparsity=overall_sparsity(be),
+               cal_sparsity=summary.get("measured_sparsity"), cal_attn_err=summary.get("measured_error"),
+               cal_attn_worst=summary.get("measured_max_error"), rel_l2=C.rel_l2(y, ref),
+               rel_l1=C.rel_l1(y, ref))
+    result["rows"].append(row)
+    return row
+
+
+def compare(result: dict, plan, model, held, ref, cfg, device, inner: str) -> None:
+    """The model compiled with the plan, then (set_config, no recompile) with one global point."""
+    import sparge_compile as sc
+
+    errors, sm = result["errors"], plan.summary
+    be = sc.backend(config=cfg, inner=inner, plan=plan)
+    compiled = torch.compile(model, backend=be)
+    gl = sm.get("global") or {}
+    print("[calibrate] evaluating the plan", flush=True)
+    C.guarded(lambda: evaluate(result, compiled, be, held, ref, device, "calibrated plan (per site)",
+                               "per site", sm), errors, "eval_plan")
+    if gl:
+        print("[calibrate] evaluating one global point", flush=True)
+        be.set_config(topk=gl["topk"], topp=gl["topp"])
+        C.guarded(lambda: evaluate(result, compiled, be, held, ref, device, "one global (topk, topp)",
+                                   f"{gl['topk']:g} / {gl['topp']:g}", gl), errors, "eval_global")
+    dense_sites = [sid for sid, s in plan.sites.items() if s.dense]
+    if dense_sites:
+        result["note"] = f"sites the plan keeps dense (also dense in the global run): {dense_sites}"
+
+
+def run(args) -> dict:
+    import sparge_compile as sc
+
+    out = Path(args.out)
+    device = C.pick_device(bool(getattr(args, "quick", False)))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = settings(args, device, dtype)
+    cfg = sc.SpargeConfig(block_q=a["block_q"], block_k=a["block_k"], min_seq_len=a["min_seq_len"])
     C.bump_dynamo_cache()
-    result = {"benchmark": "calibrate", "env": C.environment(device), "command": C.command_line(),
-              "args": dict(dim=dim, heads=heads, ffn=ffn, depth=depth, grid=list(grid), tokens=N,
-                           text_len=text_len, dtype=str(dtype).replace("torch.", ""), target=target,
-                           batches=args.batches, gain_range=[args.gain_min, args.gain_max], tie=args.tie,
-                           v_bias=args.v_bias,
-                           block_q=bq, block_k=bk, min_seq_len=min_seq_len, inner=args.inner,
-                           sample_blocks=args.sample_blocks, quick=quick),
-              "rows": [], "errors": {}}
-    errors = result["errors"]
+    result = {"benchmark": "calibrate", "env": C.environment(device), "command": O.command_line(),
+              "args": a, "rows": [], "errors": {}}
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
-        print(f"[calibrate] building {depth} blocks, N={N}", flush=True)
-        model, gains = build(dim, heads, ffn, depth, grid, device, dtype, (args.gain_min, args.gain_max),
-                             args.tie, args.v_bias)
-        result["gains"] = gains
-        cal = [make_batch(N, dim, grid, text_len, device, dtype, seed=10 + i) for i in range(args.batches)]
-        held = make_batch(N, dim, grid, text_len, device, dtype, seed=99)
-        with torch.no_grad():
-            ref = model(*held)
-            # Triton compiles the mask and attention kernels on their first call (then caches them
-            # on disk): do that here, outside the timed calibration, on one head of the same shape
-            w = C.randn((1, 1, N, dim // heads), device, dtype, seed=5)
-            C.guarded(lambda: sc.sparse_attention(w, w, w, config=cfg), errors, "warmup")
-        C.sync(device)
-
-        print(f"[calibrate] calibrating to {target:.0%} sparsity", flush=True)
+        model, result["gains"], cal, held, ref = prepare(a, device, dtype, cfg, result["errors"])
+        print(f"[calibrate] calibrating to {a['target']:.0%} sparsity", flush=True)
         t0 = time.perf_counter()
-        plan = C.guarded(lambda: sc.calibrate(model, cal, target_sparsity=target, config=cfg,
-                                              sample_blocks=args.sample_blocks), errors, "calibrate")
+        plan = C.guarded(lambda: sc.calibrate(model, cal, target_sparsity=a["target"], config=cfg,
+                                              sample_blocks=a["sample_blocks"]),
+                         result["errors"], "calibrate")
         C.sync(device)
         wall = time.perf_counter() - t0
-        if plan is None:
-            result["seconds"] = time.perf_counter() - t_start
-            if out is not None:
-                result["files"] = write(result, out)
-            return result
-        sm = plan.summary
-        result["calibration"] = dict(sm, wall_seconds=wall, under_60s=wall < 60.0)
-        result["plan_table"] = plan.table()
-        result["plan"] = plan.to_dict()
-        if out is not None:
-            plan.save(Path(out) / "plan.json")
+        if plan is not None:
+            result["calibration"] = dict(plan.summary, wall_seconds=wall, under_60s=wall < 60.0)
+            result["plan_table"] = plan.table()
+            result["plan"] = plan.to_dict()
+            plan.save(out / "plan.json")
             write(result, out)
-        print(plan.table(), flush=True)
-
-        be = sc.backend(config=cfg, inner=args.inner, plan=plan)
-        compiled = torch.compile(model, backend=be)
-        gl = sm.get("global") or {}
-
-        def evaluate(name, choice, cal_sp, cal_err, cal_worst):
-            with torch.no_grad():
-                y = compiled(*held)
-            C.sync(device)
-            row = dict(variant=name, choice=choice, sparsity=overall_sparsity(be), cal_sparsity=cal_sp,
-                       cal_attn_err=cal_err, cal_attn_worst=cal_worst, rel_l2=C.rel_l2(y, ref),
-                       rel_l1=C.rel_l1(y, ref))
-            result["rows"].append(row)
-            return row
-
-        print("[calibrate] evaluating the plan", flush=True)
-        C.guarded(lambda: evaluate("calibrated plan (per site)", "per site", sm.get("measured_sparsity"),
-                                   sm.get("measured_error"), sm.get("measured_max_error")),
-                  errors, "eval_plan")
-        if gl:
-            print("[calibrate] evaluating one global point", flush=True)
-            be.set_config(topk=gl["topk"], topp=gl["topp"])
-            C.guarded(lambda: evaluate("one global (topk, topp)", f"{gl['topk']:g} / {gl['topp']:g}",
-                                       gl.get("measured_sparsity"), gl.get("measured_error"),
-                                       gl.get("measured_max_error")), errors, "eval_global")
-        dense_sites = [sid for sid, s in plan.sites.items() if s.dense]
-        if dense_sites:
-            result["note"] = f"sites the plan keeps dense (also dense in the global run): {dense_sites}"
+            print(plan.table(), flush=True)
+            compare(result, plan, model, held, ref, cfg, device, a["inner"])
     torch._dynamo.reset()
     result["seconds"] = time.perf_counter() - t_start
-    if out is not None:
-        result["files"] = write(result, out)
+    result["files"] = write(result, out)
     return result
 
 
-def main(argv=None) -> int:
-    return C.module_main(sys.modules[__name__], argv)
-
+main = module_entry(__spec__.name)  # python -m bench.calibrate [options]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

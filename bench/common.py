@@ -1,21 +1,21 @@
-"""Shared benchmark helpers: timing, guarded measurements, random data, writers (JSON, markdown, PNG).
+"""Shared benchmark helpers: the device and environment, timing, guarded measurements, errors
+against a reference, and the options every command takes (``--out``, ``--quick``, ``--traceback``).
 
 Timing: on CUDA the median of ``triton.testing.do_bench``; on the CPU a simple wall-clock
-timer (median of a few runs), good enough for ``--quick`` smoke runs.
+timer (median of a few runs), good enough for ``--quick`` smoke runs. Writers are in
+:mod:`bench.output`, random and synthetic data in :mod:`bench.data`, models in :mod:`bench.models`.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import math
 import os
 import platform
 import statistics
 import time
 import traceback
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -134,6 +134,9 @@ def short_error(e: BaseException, limit: int = 400) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
+SHOW_TRACEBACKS = False  # --traceback: print the traceback of every failed measurement
+
+
 def guarded(fn: Callable[[], Any], errors: dict, key: str, verbose: bool = True):
     """Run ``fn``; on any exception record its message under ``errors[key]`` and return None.
 
@@ -146,7 +149,7 @@ def guarded(fn: Callable[[], Any], errors: dict, key: str, verbose: bool = True)
         errors[key] = short_error(e)
         if verbose:
             print(f"  [{key}] failed: {errors[key]}")
-        if os.environ.get("BENCH_TRACEBACK"):
+        if SHOW_TRACEBACKS:
             traceback.print_exc()
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
             with contextlib.suppress(Exception):
@@ -162,26 +165,7 @@ def ratio(a, b):
 
 
 # --------------------------------------------------------------------------------------------
-# Data
-
-
-def generator(device: torch.device, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
-def randn(shape, device, dtype, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
-    t = torch.randn(shape, generator=generator(device, seed), device=device, dtype=torch.float32)
-    t = t.to(dtype)
-    if requires_grad:
-        t.requires_grad_(True)
-    return t
-
-
-def random_qkv(B: int, H: int, N: int, D: int, device, dtype, seed: int = 0,
-               requires_grad: bool = False):
-    return tuple(randn((B, H, N, D), device, dtype, seed + i, requires_grad) for i in range(3))
+# Errors and references
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,123 +215,27 @@ def chunked_masked_sdpa(q, k, v, dense_block_mask: torch.Tensor, block_q: int, b
 
 
 # --------------------------------------------------------------------------------------------
-# Writers
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, (torch.dtype, torch.device)):
-        return str(x)
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x
-
-
-def write_json(path: Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    tmp.replace(path)  # atomic: a run killed mid-write leaves the previous complete file
-    return path
-
-
-def fmt(x, digits: int = 3):
-    """A table cell: floats with ``digits`` significant digits, None as '-'."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "NO"
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        if abs(x) >= 1e4 or abs(x) < 1e-3:
-            return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def table(rows: list[dict], columns: list[tuple[str, str]], fmt_digits: int = 3,
-          tablefmt: str = "github") -> str:
-    """A tabulate table of ``rows`` with ``columns`` = [(key, header), ...]."""
-    from tabulate import tabulate
-
-    body = [[fmt(r.get(k), fmt_digits) for k, _ in columns] for r in rows]
-    return tabulate(body, headers=[h for _, h in columns], tablefmt=tablefmt, disable_numparse=True)
-
-
-def write_markdown(path: Path, title: str, sections: list[tuple[str, str]], env: dict | None = None,
-                   command: str | None = None) -> Path:
-    """A markdown report: a title, the environment and command, then (heading, body) sections."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", ""]
-    if env:
-        dev = env.get("gpu") or env.get("cpu") or env.get("device")
-        lines += [f"{env.get('date', '')}, {dev}, torch {env.get('torch')}, triton {env.get('triton')}", ""]
-    if command:
-        lines += ["```", command, "```", ""]
-    for heading, body in sections:
-        lines += [f"## {heading}", "", body.rstrip(), ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def plt():
-    """matplotlib.pyplot with a non-interactive backend, or None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as pyplot
-
-        return pyplot
-    except Exception:  # pragma: no cover
-        return None
-
-
-def save_fig(fig, path: Path, quick: bool = False) -> Path:
-    """PNG at 120 dpi with a tight layout; quick (the CPU smoke run): 60 dpi and a fixed layout,
-    which on a small CPU is several seconds per figure faster."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if quick:
-        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.9, wspace=0.3, hspace=0.45)
-    else:
-        fig.tight_layout()
-    fig.savefig(path, dpi=60 if quick else 120)
-    import matplotlib.pyplot as pyplot
-
-    pyplot.close(fig)
-    return path
-
-
-def command_line() -> str:
-    import sys
-
-    return "python -m " + " ".join(["bench"] + sys.argv[1:]) if sys.argv else "python -m bench"
+# Options every command takes
 
 
 def add_common_args(p) -> None:
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     p.add_argument("--quick", action="store_true", help="tiny CPU run in seconds (smoke test)")
+    p.add_argument("--traceback", action="store_true", help="print the traceback of every failed measurement")
 
 
-def module_main(module, argv=None) -> int:
-    """``python -m bench.<name>``: parse the module's arguments, run it, print its tables."""
+def quick_defaults(args, add_args, quick: dict) -> None:
+    """--quick: set each option of ``quick`` that was left at its default (per ``add_args``)."""
     import argparse
 
-    name = module.__name__.rsplit(".", 1)[-1]
-    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=module.__doc__.splitlines()[0])
-    add_common_args(p)
-    module.add_args(p)
-    args = p.parse_args(argv)
-    result = module.run(args, Path(args.out))
-    for heading, body in module.markdown(result):
-        print(f"\n## {heading}\n\n{body}")
-    return 0
+    p = argparse.ArgumentParser()
+    add_args(p)
+    defaults = vars(p.parse_args([]))
+    for key, value in quick.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
+def apply_common_args(args) -> None:
+    global SHOW_TRACEBACKS
+    SHOW_TRACEBACKS = bool(getattr(args, "traceback", False))

@@ -16,25 +16,24 @@ on the data), and the very same mask is handed to FlexAttention through
 plus the relative error of sparge (and Flex) against a float32 SDPA on the same mask. Every
 measurement is guarded: a failing baseline records its error string and the run goes on.
 
-    python -m bench.kernels --out results                       # the full table (GPU)
-    python -m bench.kernels --shapes 32768x128 --sparsities 0,95 --out results
-    python -m bench.kernels --quick --out /tmp/b                # tiny CPU smoke run
+    python -m bench kernels --out results                       # the full table (GPU)
+    python -m bench kernels --shapes 32768x128 --sparsities 0,95 --out results
+    python -m bench kernels --quick --out /tmp/b                # tiny CPU smoke run
 """
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python bench/kernels.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
 
 from bench import common as C
+from bench import data
+from bench import output as O
+from bench.cli import module_entry
 
 FULL_SHAPES = [(8192, 64), (8192, 128), (32768, 64), (32768, 128), (75600, 64), (75600, 128)]
 QUICK_SHAPES = [(256, 64)]
@@ -126,7 +125,8 @@ def time_flex(flex, bm, qkv, dout, device, timing, errors: dict, key: str):
             return flex(q, k, v, block_mask=bm, kernel_options=opts)
         fn = call if dout is None else _fwd_bwd(call, dout)
         grads = None if dout is None else [q, k, v]
-        return C.guarded(lambda: C.time_fn(fn, device, grad_to_none=grads, **timing), errs, key, verbose=verbose)
+        return C.guarded(lambda: C.time_fn(fn, device, grad_to_none=grads, **timing), errs, key,
+                         verbose=verbose)
 
     own: dict = {}
     ms = timed(None, own, verbose=False)
@@ -178,74 +178,93 @@ def measure_dense(q, k, v, qg, kg, vg, dout, device, timing, bwd: bool) -> dict:
     return res
 
 
-def measure_point(q, k, v, qg, kg, vg, dout, target, base, device, timing, flex, bwd: bool,
-                  check: bool, flex_square: bool) -> dict:
-    """Every timing at one (shape, target sparsity); missing entries are None, with an error."""
+def time_sparge(P, row: dict, errors: dict, cfg, mask) -> None:
+    """Prediction alone (also from a CUDA graph), kernel alone, total; forward (and +backward)."""
     import sparge_compile as sc
 
-    errors: dict = {}
-    row: dict = {"sparsity_target": target}
-    tuned = C.guarded(lambda: tune_config(q, k, target, base), errors, "tune")
-    if tuned is None:
-        row["errors"] = errors
-        return row
-    cfg, mask = tuned
-    row.update(topk=cfg.topk, sparsity=mask.sparsity(), block_q=cfg.block_q, block_k=cfg.block_k)
-    t = dict(timing)
-    grads = [qg, kg, vg]
-
+    q, k, v, t = P.q, P.k, P.v, P.timing
     row["predict_ms"] = C.guarded(
-        lambda: C.time_fn(lambda: sc.predict_block_mask(q, k, config=cfg), device, **t), errors, "predict")
+        lambda: C.time_fn(lambda: sc.predict_block_mask(q, k, config=cfg), P.device, **t), errors, "predict")
     row["predict_gpu_ms"] = C.guarded(  # without the launch cost: what a CUDA-graphed model pays
-        lambda: C.time_graph(lambda: sc.predict_block_mask(q, k, config=cfg), device), errors, "predict_gpu")
+        lambda: C.time_graph(lambda: sc.predict_block_mask(q, k, config=cfg), P.device), errors,
+        "predict_gpu")
     row["sparge_kernel_fwd_ms"] = C.guarded(
-        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, block_mask=mask), device, **t),
+        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, block_mask=mask), P.device, **t),
         errors, "sparge_kernel_fwd")
     row["sparge_fwd_ms"] = C.guarded(
-        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, config=cfg), device, **t),
+        lambda: C.time_fn(lambda: sc.sparse_attention(q, k, v, config=cfg), P.device, **t),
         errors, "sparge_fwd")
-    if bwd:
+    if P.bwd:
+        qg, kg, vg = P.qkv_grad
         row["sparge_kernel_fwdbwd_ms"] = C.guarded(
-            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, block_mask=mask), dout),
-                              device, grad_to_none=grads, **t), errors, "sparge_kernel_fwdbwd")
+            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, block_mask=mask), P.dout),
+                              P.device, grad_to_none=list(P.qkv_grad), **t), errors, "sparge_kernel_fwdbwd")
         row["sparge_fwdbwd_ms"] = C.guarded(
-            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, config=cfg), dout),
-                              device, grad_to_none=grads, **t), errors, "sparge_fwdbwd")
+            lambda: C.time_fn(_fwd_bwd(lambda: sc.sparse_attention(qg, kg, vg, config=cfg), P.dout),
+                              P.device, grad_to_none=list(P.qkv_grad), **t), errors, "sparge_fwdbwd")
 
-    # FlexAttention on the very same mask (128x64 blocks by default)
+
+def time_flex_masks(P, row: dict, errors: dict, mask, target: float, base):
+    """FlexAttention on the very same mask (128x64 blocks by default), then at square blocks
+    (block_q x block_q) tuned to the same sparsity. Returns (Flex's block mask, its tiles)."""
     bm = C.guarded(mask.to_flex, errors, "flex_block_mask")
     flex_opts = None
-    if bm is not None and flex is not None:
-        row["flex_fwd_ms"], flex_opts = time_flex(flex, bm, (q, k, v), None, device, t, errors, "flex_fwd")
+    qkv, t = (P.q, P.k, P.v), P.timing
+    if bm is not None and P.flex is not None:
+        row["flex_fwd_ms"], flex_opts = time_flex(P.flex, bm, qkv, None, P.device, t, errors, "flex_fwd")
         row["flex_tiles_fwd"] = _tiles(flex_opts)
-        if bwd:
-            row["flex_fwdbwd_ms"], _ = time_flex(flex, bm, (qg, kg, vg), dout, device, t, errors, "flex_fwdbwd")
-    # FlexAttention at square blocks (block_q x block_q), tuned to the same sparsity
-    if flex_square and flex is not None and base.block_k != base.block_q:
-        sq = C.guarded(lambda: tune_config(q, k, target, base.replace(block_k=base.block_q)),
+        if P.bwd:
+            row["flex_fwdbwd_ms"], _ = time_flex(P.flex, bm, P.qkv_grad, P.dout, P.device, t, errors,
+                                                 "flex_fwdbwd")
+    if P.flex_square and P.flex is not None and base.block_k != base.block_q:
+        sq = C.guarded(lambda: tune_config(P.q, P.k, target, base.replace(block_k=base.block_q)),
                        errors, "tune_square")
         if sq is not None:
             row["flex_sq_sparsity"] = sq[1].sparsity()
             bm_sq = C.guarded(sq[1].to_flex, errors, "flex_sq_block_mask")
             if bm_sq is not None:
-                row["flex_sq_fwd_ms"], _ = time_flex(flex, bm_sq, (q, k, v), None, device, t, errors, "flex_sq_fwd")
-                if bwd:
-                    row["flex_sq_fwdbwd_ms"], _ = time_flex(flex, bm_sq, (qg, kg, vg), dout, device, t, errors,
-                                                            "flex_sq_fwdbwd")
+                row["flex_sq_fwd_ms"], _ = time_flex(P.flex, bm_sq, qkv, None, P.device, t, errors,
+                                                     "flex_sq_fwd")
+                if P.bwd:
+                    row["flex_sq_fwdbwd_ms"], _ = time_flex(P.flex, bm_sq, P.qkv_grad, P.dout, P.device, t,
+                                                            errors, "flex_sq_fwdbwd")
+    return bm, flex_opts
 
-    if check:  # relative error against float32 SDPA on the same mask
-        ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
-                        errors, "reference")
-        if ref is not None:
-            out = C.guarded(lambda: sc.sparse_attention(q, k, v, block_mask=mask), errors, "sparge_out")
-            if out is not None:
-                row["sparge_rel_err"] = C.rel_l2(out, ref)
-            if bm is not None and flex is not None:
-                fo = C.guarded(lambda: flex(q, k, v, block_mask=bm, kernel_options=flex_opts), errors,
-                               "flex_out")
-                if fo is not None:
-                    row["flex_rel_err"] = C.rel_l2(fo, ref)
-            del ref
+
+def check_errors(P, row: dict, errors: dict, cfg, mask, bm, flex_opts) -> None:
+    """Relative error of sparge (and Flex) against float32 SDPA on the same mask."""
+    import sparge_compile as sc
+
+    q, k, v = P.q, P.k, P.v
+    ref = C.guarded(lambda: C.chunked_masked_sdpa(q, k, v, mask.to_dense(), cfg.block_q, cfg.block_k),
+                    errors, "reference")
+    if ref is None:
+        return
+    out = C.guarded(lambda: sc.sparse_attention(q, k, v, block_mask=mask), errors, "sparge_out")
+    if out is not None:
+        row["sparge_rel_err"] = C.rel_l2(out, ref)
+    if bm is not None and P.flex is not None:
+        fo = C.guarded(lambda: P.flex(q, k, v, block_mask=bm, kernel_options=flex_opts), errors, "flex_out")
+        if fo is not None:
+            row["flex_rel_err"] = C.rel_l2(fo, ref)
+
+
+def measure_point(P, target: float, base) -> dict:
+    """Every timing at one (shape, target sparsity); missing entries are None, with an error.
+    P: the shape's tensors (q, k, v, qkv_grad, dout) and the run's settings (device, timing,
+    flex, bwd, check, flex_square)."""
+    errors: dict = {}
+    row: dict = {"sparsity_target": target}
+    tuned = C.guarded(lambda: tune_config(P.q, P.k, target, base), errors, "tune")
+    if tuned is None:
+        row["errors"] = errors
+        return row
+    cfg, mask = tuned
+    row.update(topk=cfg.topk, sparsity=mask.sparsity(), block_q=cfg.block_q, block_k=cfg.block_k)
+    time_sparge(P, row, errors, cfg, mask)
+    bm, flex_opts = time_flex_masks(P, row, errors, mask, target, base)
+    if P.check:
+        check_errors(P, row, errors, cfg, mask, bm, flex_opts)
     row["errors"] = errors
     return row
 
@@ -301,19 +320,21 @@ def _flex_tiles_table(rows: list[dict]) -> str:
         return "Flex's own tiles everywhere"
     out = [{"tiles": t, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else "")} for t, v in seen.items()]
     return ("Elsewhere Flex's own tiles; here (forward, same mask) they do not divide the mask's "
-            "blocks, so these kernel_options:\n\n" + C.table(out, [("tiles", "kernel_options"), ("where", "points")]))
+            "blocks, so these kernel_options:\n\n"
+            + O.table(out, [("tiles", "kernel_options"), ("where", "points")]))
 
 
 def _errors_table(rows: list[dict]) -> str:
     seen = {}
     for r in rows:
         for key, msg in (r.get("errors") or {}).items():
-            seen.setdefault((key, msg), []).append(f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}")
+            where = f"{r.get('N')}x{r.get('D')}@{fmt_pct(r.get('sparsity_target'))}"
+            seen.setdefault((key, msg), []).append(where)
     if not seen:
         return "none"
     out = [{"what": k, "where": ", ".join(v[:6]) + (" ..." if len(v) > 6 else ""), "error": m[:160]}
            for (k, m), v in seen.items()]
-    return C.table(out, [("what", "measurement"), ("where", "points"), ("error", "error")])
+    return O.table(out, [("what", "measurement"), ("where", "points"), ("error", "error")])
 
 
 def fmt_pct(x):
@@ -323,26 +344,29 @@ def fmt_pct(x):
 def markdown(result: dict) -> list[tuple[str, str]]:
     rows = result["rows"]
     a = result["args"]
+    on_cuda = result["env"]["device"].startswith("cuda")
+    timer = "median of triton.testing.do_bench" if on_cuda else "CPU wall clock"
     note = (f"B={a['B']}, H={a['H']}, {a['dtype']}, blocks {a['block_q']}x{a['block_k']} "
             f"(Flex square: {a['block_q']}x{a['block_q']}); times in ms, "
-            f"{'median of triton.testing.do_bench' if result['env']['device'].startswith('cuda') else 'CPU wall clock'}. "
+            f"{timer}. "
             "total = mask prediction + kernel; predict GPU = the prediction replayed from a CUDA graph "
             "(no launch cost). Ratios < 1 mean sparge is faster.\n\n")
     return [
-        ("Forward", note + C.table(rows, FWD_COLUMNS)),
-        ("Forward + backward", C.table(rows, BWD_COLUMNS)),
+        ("Forward", note + O.table(rows, FWD_COLUMNS)),
+        ("Forward + backward", O.table(rows, BWD_COLUMNS)),
         ("FlexAttention tiles", _flex_tiles_table(rows)),
         ("Failed measurements", _errors_table(rows)),
     ]
 
 
 def plot(result: dict, path: Path):
-    plt = C.plt()
+    plt = O.plt()
     if plt is None or not result["rows"]:
         return None
     shapes = sorted({(r["N"], r["D"]) for r in result["rows"]})
     fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 3.2 * len(shapes)), squeeze=False)
-    series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"), ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
+    series = [("fwd", [("speedup_vs_dense_fwd", "sparge total"),
+                       ("flex_speedup_vs_dense_fwd", "Flex, same mask")]),
               ("fwd+bwd", [("speedup_vs_dense_fwdbwd", "sparge total"),
                            ("flex_speedup_vs_dense_fwdbwd", "Flex, same mask"),
                            ("flex_sq_speedup_vs_dense_fwdbwd", "Flex, square blocks")])]
@@ -362,20 +386,12 @@ def plot(result: dict, path: Path):
             ax.set_yscale("log")
             if ax.lines[:-1]:
                 ax.legend(fontsize=8, loc="upper left")
-    return C.save_fig(fig, path, quick=bool(result["args"].get("quick")))
+    return O.save_fig(fig, path, quick=bool(result["args"].get("quick")))
 
 
 def write(result: dict, out: Path, plots: bool = True) -> dict:
     """JSON, markdown and (``plots``) the PNG; the runs' intermediate writes skip the PNG."""
-    out = Path(out)
-    files = {"json": str(C.write_json(out / "kernels.json", result))}
-    files["md"] = str(C.write_markdown(out / "kernels.md", "Kernel speed", markdown(result),
-                                       result["env"], result.get("command")))
-    png = plots and C.guarded(lambda: plot(result, out / "kernels.png"),
-                              result.setdefault("report_errors", {}), "plot")
-    if png:
-        files["png"] = str(png)
-    return files
+    return O.write_result(out, "kernels", "Kernel speed", result, markdown(result), plot if plots else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,87 +440,90 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
 
 
-def run(args, out: Path | None = None) -> dict:
+def settings(args, device, dtype) -> dict:
+    """The run's sizes and options (``result["args"]``): --quick or full size."""
+    quick = bool(getattr(args, "quick", False))
+    flex_compiled = args.flex_compile == "yes" or (args.flex_compile == "auto" and device.type == "cuda")
+    return dict(B=args.B or 1, H=args.H or (2 if quick else 12), dtype=str(dtype).replace("torch.", ""),
+                block_q=args.block_q or (32 if quick else 128), block_k=args.block_k or (16 if quick else 64),
+                shapes=[list(s) for s in parse_shapes(args.shapes, quick)],
+                sparsities=parse_sparsities(args.sparsities, quick), bwd=not args.no_bwd,
+                check=not args.no_check,
+                flex_compiled=flex_compiled, quick=quick)
+
+
+def flex_or_none(args, device, compile_flex: bool, errors: dict):
+    """flex_attention (compiled on CUDA), or None with the reason in ``errors``."""
+    if device.type == "cuda" or args.flex_cpu:
+        return C.guarded(lambda: _flex_fn(compile_flex), errors, "flex_import")
+    errors["flex"] = "skipped on the CPU (eager FlexAttention is very slow there; --flex-cpu to run it)"
+    return None
+
+
+def one_shape(N: int, D: int, P, result: dict, flex_errors: dict, out: Path) -> None:
+    """The dense baselines, then every target sparsity, at one (N, D); JSON after every point."""
     from sparge_compile import SpargeConfig
 
-    quick = bool(getattr(args, "quick", False))
-    device = C.pick_device(quick)
-    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
-    B = args.B or 1
-    H = args.H or (2 if quick else 12)
-    bq = args.block_q or (32 if quick else 128)
-    bk = args.block_k or (16 if quick else 64)
-    shapes = parse_shapes(args.shapes, quick)
-    sparsities = parse_sparsities(args.sparsities, quick)
-    bwd = not args.no_bwd
-    compile_flex = args.flex_compile == "yes" or (args.flex_compile == "auto" and device.type == "cuda")
-    timing = dict(warmup=args.warmup, rep=args.rep, cpu_iters=1 if quick else 3, cpu_warmup=not quick)
-    base = SpargeConfig(topk=1.0, topp=0.0, block_q=bq, block_k=bk, mode="topk", min_seq_len=0)
-    if compile_flex:  # the only compile here (imports torch._dynamo: seconds on a small CPU)
-        C.bump_dynamo_cache()
+    a = result["args"]
+    B, H, dtype = a["B"], a["H"], P.dtype
+    print(f"[kernels] B={B} H={H} N={N} D={D} {dtype}", flush=True)
+    P.q, P.k, P.v = data.random_qkv(B, H, N, D, P.device, dtype, seed=N + D)
+    P.qkv_grad = tuple(t.detach().clone().requires_grad_(True) for t in (P.q, P.k, P.v))
+    P.dout = data.randn((B, H, N, D), P.device, dtype, seed=7)
+    dense = measure_dense(P.q, P.k, P.v, *P.qkv_grad, P.dout, P.device, P.timing, P.bwd)
+    dense.update(N=N, D=D)
+    result["dense"].append(dense)
+    base = SpargeConfig(topk=1.0, topp=0.0, block_q=a["block_q"], block_k=a["block_k"], mode="topk",
+                        min_seq_len=0)
+    for s in a["sparsities"]:
+        row = measure_point(P, s, base)
+        row.update(N=N, D=D, B=B, H=H, dtype=a["dtype"])
+        row.update({key: val for key, val in dense.items() if key.endswith("_ms")})
+        row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
+        add_ratios(row, dense, 4.0 * B * H * N * N * D)
+        result["rows"].append(row)
+        O.write_json(out / "kernels.json", result)  # after every point: a run killed mid-shape keeps it
+        print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {O.fmt(row.get('sparge_fwd_ms'))} ms, "
+              f"flex {O.fmt(row.get('flex_fwd_ms'))} ms, err {O.fmt(row.get('sparge_rel_err'))}", flush=True)
+    P.q = P.k = P.v = P.qkv_grad = P.dout = None
+    if P.device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    result = {
-        "benchmark": "kernels",
-        "env": C.environment(device),
-        "command": C.command_line(),
-        "args": dict(B=B, H=H, dtype=str(dtype).replace("torch.", ""), block_q=bq, block_k=bk,
-                     shapes=[list(s) for s in shapes], sparsities=sparsities, bwd=bwd,
-                     check=not args.no_check, flex_compiled=compile_flex, quick=quick),
-        "dense": [],
-        "rows": [],
-    }
+
+def run(args) -> dict:
+    import types
+
+    out = Path(args.out)
+    device = C.pick_device(bool(getattr(args, "quick", False)))
+    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    a = settings(args, device, dtype)
+    if a["flex_compiled"]:  # the only compile here (imports torch._dynamo: seconds on a small CPU)
+        C.bump_dynamo_cache()
+    result = {"benchmark": "kernels", "env": C.environment(device), "command": O.command_line(), "args": a,
+              "dense": [], "rows": []}
     flex_errors: dict = {}
-    flex = None
-    if device.type == "cuda" or args.flex_cpu:
-        flex = C.guarded(lambda: _flex_fn(compile_flex), flex_errors, "flex_import")
-    else:
-        flex_errors["flex"] = "skipped on the CPU (eager FlexAttention is very slow there; --flex-cpu to run it)"
+    P = types.SimpleNamespace(  # what every point of the run shares; one_shape adds its tensors
+        device=device, dtype=dtype, bwd=a["bwd"], check=a["check"], flex_square=not args.no_flex_square,
+        timing=dict(warmup=args.warmup, rep=args.rep, cpu_iters=1 if a["quick"] else 3,
+                    cpu_warmup=not a["quick"]),
+        flex=flex_or_none(args, device, a["flex_compiled"], flex_errors))
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
-        for N, D in shapes:
+        for N, D in a["shapes"]:
             t0 = time.perf_counter()
-            print(f"[kernels] B={B} H={H} N={N} D={D} {dtype}", flush=True)
-            q, k, v = C.random_qkv(B, H, N, D, device, dtype, seed=N + D)
-            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-            dout = C.randn((B, H, N, D), device, dtype, seed=7)
-            dense = measure_dense(q, k, v, qg, kg, vg, dout, device, timing, bwd)
-            dense.update(N=N, D=D)
-            result["dense"].append(dense)
-            flops = 4.0 * B * H * N * N * D
-            for s in sparsities:
-                row = measure_point(q, k, v, qg, kg, vg, dout, s, base, device, timing, flex, bwd,
-                                    check=not args.no_check, flex_square=not args.no_flex_square)
-                row.update(N=N, D=D, B=B, H=H, dtype=result["args"]["dtype"])
-                for key, val in dense.items():
-                    if key.endswith("_ms"):
-                        row[key] = val
-                row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
-                add_ratios(row, dense, flops)
-                result["rows"].append(row)
-                if out is not None:  # JSON after every point: a run killed mid-shape keeps it
-                    C.write_json(Path(out) / "kernels.json", result)
-                print(f"  sparsity {fmt_pct(row.get('sparsity'))}: sparge {C.fmt(row.get('sparge_fwd_ms'))} ms, "
-                      f"flex {C.fmt(row.get('flex_fwd_ms'))} ms, err {C.fmt(row.get('sparge_rel_err'))}",
-                      flush=True)
-            del q, k, v, qg, kg, vg, dout
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            one_shape(N, D, P, result, flex_errors, out)
             result["seconds"] = time.perf_counter() - t_start
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
-            if out is not None:  # after every shape: a run cut short keeps what it measured
-                write(result, out, plots=False)
+            write(result, out, plots=False)  # after every shape: a run cut short keeps what it measured
     result["seconds"] = time.perf_counter() - t_start
     from sparge_compile.kernels import tuning
 
     result["env"]["autotuned"] = tuning.best_configs()  # launch settings picked per key (CUDA)
-    if out is not None:
-        result["files"] = write(result, out)
+    result["files"] = write(result, out)
     return result
 
 
-def main(argv=None) -> int:
-    return C.module_main(sys.modules[__name__], argv)
-
+main = module_entry(__spec__.name)  # python -m bench.kernels [options]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

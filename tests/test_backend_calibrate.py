@@ -266,21 +266,3 @@ def test_allocation_meets_budget_with_least_error():
         assert tot <= budget
         got = sum(e[c] for e, c in zip(errs, ch))
         assert got <= best[0] * 1.5 + 0.05   # Lagrange + greedy: near the knapsack optimum
-
-
-def test_bench_calibrate_quick(tmp_path):
-    """`python -m bench.calibrate --quick` runs (the GPU benchmark's code path, tiny, on the CPU)."""
-    pytest.importorskip("tabulate")
-    from bench.calibrate import main
-
-    torch._dynamo.reset()
-    assert main(["--quick", "--out", str(tmp_path), "--depth", "1"]) == 0
-    r = json.loads((tmp_path / "calibrate.json").read_text())
-    assert not r["errors"], r["errors"]
-    assert [row["variant"] for row in r["rows"]] == ["calibrated plan (per site)", "one global (topk, topp)"]
-    for row in r["rows"]:
-        assert 0.0 < row["sparsity"] < 1.0 and row["rel_l2"] is not None and row["rel_l1"] is not None
-    cal = r["calibration"]
-    assert cal["seconds"] > 0 and abs(cal["measured_sparsity"] - r["args"]["target"]) <= 0.05
-    assert sc.SpargePlan.load(tmp_path / "plan.json").sites
-    assert (tmp_path / "calibrate.md").read_text().startswith("#")
