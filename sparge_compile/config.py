@@ -5,7 +5,13 @@ import dataclasses
 from dataclasses import dataclass
 
 MODES = ("hybrid", "topk", "topp")
-HEAD_DIMS = (32, 64, 96, 128, 256)
+HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
+HEAD_DIMS_SUPPORTED = f"a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}"
+
+
+def head_dim_ok(d) -> bool:
+    """A head dim the kernels take: a multiple of 8 in [8, 256] (the kernels pad it to a power of two)."""
+    return isinstance(d, int) and 0 < d <= MAX_HEAD_DIM and d % HEAD_DIM_MULTIPLE == 0
 
 
 def _is_pow2(n: int) -> bool:

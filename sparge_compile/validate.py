@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .config import HEAD_DIMS
+from .config import HEAD_DIMS_SUPPORTED, head_dim_ok
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,8 +50,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, s
             raise ValueError(f"v shape {tuple(v.shape)} must match k shape {tuple(k.shape)} in (B, H, N)")
         if v.shape[-1] != D:
             raise ValueError(f"v head dim {v.shape[-1]} must equal q/k head dim {D}")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head dim {D} (last axis of q) is not supported; supported: {HEAD_DIMS}")
+    if not head_dim_ok(D):
+        raise ValueError(f"head dim {D} (last axis of q) is not supported; it must be {HEAD_DIMS_SUPPORTED}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"sequence lengths must be positive, got Nq={q.shape[2]}, Nk={k.shape[2]}")
     if scale is None:

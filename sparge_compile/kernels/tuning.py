@@ -11,10 +11,11 @@ fixed default where that timed within ``TIE`` of it; later calls launch the pick
 Smaller launches use the fixed defaults and record no pick: they are short or launch-bound
 (their timings do not rank the configs), and a pick timed on one would be kept for the large
 shapes (a 4-head, 4096-token first call picked 8 warps, 3 stages for the
-forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, 2026-11-24 H100).
-``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100
-tuning, bench/NOTES.md; they are in each set), as do the interpreter and explicit settings
-passed by the benchmarks.
+forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, H100).
+``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (measured
+on the H100; they are in each set), as do the interpreter and explicit settings passed by the
+kernel-tuning benchmark. A padded head dim (D = 72 runs in a 128-wide tile) is keyed and given
+defaults by its tile: the tile, not D, sets registers and shared memory.
 """
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ DKDV_CONFIGS = ((4, 2), (4, 3), (8, 2))
 KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_CAUSAL", "USE_TMA"]
 MIN_TUNE_PER_SM = 16  # tune only on grids of at least this many programs per SM
 TIE = 0.05  # the fixed default stays unless a config times this much faster
+
+
+def head_dim_tile(D: int) -> int:
+    """The head-dim tile of every kernel: D rounded up to a power of two, at least 16 (tl.dot's
+    smallest K). Columns past D are loaded as zeros and never stored; at a power-of-two D the
+    kernels take their unmasked path (the tile is D)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,4 +103,4 @@ def best_configs() -> dict:
     return out
 
 
-__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs"]
+__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs", "head_dim_tile"]
