@@ -160,7 +160,8 @@ _dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_
 
 # Tuning knobs (the kernel-tuning benchmark overrides them): fixed launch settings where nothing
 # is autotuned (None = the H100 default below) and the dK/dV query slice. Measured on the H100:
-# dQ 8 warps, 3 stages (2 at a head-dim tile > 128: shared memory), a program per query block;
+# dQ 8 warps, 3 stages (2 at a head-dim tile > 128; fewer where the buffers would not fit the
+# shared memory, see tuning.fit_stages), a program per query block;
 # dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has them
 # (None = forward.USE_TMA_DEFAULT).
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dkdv_stages=None, use_tma=None)
@@ -197,9 +198,14 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
     dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
                *strides, *dims)
+    row = BLOCK_D * q.element_size()  # bytes of one tile row
+    # dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage
+    dq_stages = tuning.fit_stages(3 if BLOCK_D <= 128 else 2, 2 * block_q * row, 2 * block_k * row, q)
+    dkdv_stages = tuning.fit_stages(2, 2 * block_k * row, 2 * sub_m * row, q)
     tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q, dq_args, dict(common, USE_TMA=use_tma),
-                  cfg["dq_warps"], cfg["dq_stages"], fixed=(8, 3 if BLOCK_D <= 128 else 2))
+                  cfg["dq_warps"], cfg["dq_stages"], fixed=(8, dq_stages))
     tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk, B * Hkv), q,
                   (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale, float(scale), *strides, *dims),
-                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"])
+                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"],
+                  fixed=(4, dkdv_stages))
     return dq, dk, dv

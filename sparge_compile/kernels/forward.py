@@ -184,8 +184,10 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
                 USE_TMA=use_tma)
     fixed = fwd_defaults(BLOCK_D, use_tma)
+    row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
+    stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)
     tuning.launch(_fwd_kernel, _fwd_autotuned, (nq, B * Hq), q, args, meta, num_warps, num_stages,
-                  fixed=(fixed["num_warps"], fixed["num_stages"]))
+                  fixed=(fixed["num_warps"], stages))
     return out, lse
 
 

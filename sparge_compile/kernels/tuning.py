@@ -45,6 +45,25 @@ def head_dim_tile(D: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _shared_memory(index: int) -> int:
+    """Bytes of shared memory a program may use on CUDA device ``index`` (Triton's own limit)."""
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def fit_stages(stages: int, fixed_bytes: int, stage_bytes: int, x: torch.Tensor) -> int:
+    """The most pipelining stages, at most ``stages`` and at least 1, whose buffers fit the shared
+    memory of x's GPU: ``fixed_bytes`` held for the whole program plus ``stage_bytes`` a stage.
+    At bf16 and D <= 128 the H100 defaults fit as they are; wide rows (an fp32 tile of 128, a
+    bf16 tile of 256, so also D = 160) get fewer stages instead of failing to launch."""
+    if not x.is_cuda:
+        return stages
+    limit = _shared_memory(x.device.index) - 1024  # a little for Triton's own scratch
+    while stages > 1 and fixed_bytes + stages * stage_bytes > limit:
+        stages -= 1
+    return stages
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -103,4 +122,4 @@ def best_configs() -> dict:
     return out
 
 
-__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs", "head_dim_tile"]
+__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs", "fit_stages", "head_dim_tile"]
