@@ -82,9 +82,9 @@ def main() -> None:
     for D in (int(d) for d in args.dims.split(",")):
         res["dims"][D] = run_head_dim(D)
         print(D, json.dumps(res["dims"][D]), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        if args.out:  # after every head dim: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
