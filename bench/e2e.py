@@ -114,7 +114,7 @@ def compile_blocks(model: WanStack, backend: str, options: dict | None, mode: st
         return
     if backend == "sparge" and "sparge" not in torch._dynamo.list_backends(exclude_tags=()):
         # not pip-installed (e.g. PYTHONPATH=. on a bare machine): no entry point, same function
-        from sparge_compile.backend import sparge_backend as backend
+        from sparge_compile.compiler import sparge_backend as backend
     kw = dict(backend=backend, options=options or None)
     if mode:
         kw = dict(backend=backend, mode=mode)

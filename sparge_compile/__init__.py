@@ -5,7 +5,7 @@
     model = torch.compile(model, backend="sparge")
 """
 from .attention import predict_block_mask, sparse_attention
-from .backend import backend, explain
+from .compiler import backend, explain
 from .block_mask import SpargeBlockMask
 from .calibrate import CalibrationError, calibrate
 from .config import SpargeConfig

@@ -20,19 +20,21 @@ def _config(config: SpargeConfig | None) -> SpargeConfig:
 class _EagerSparseAttention(torch.autograd.Function):
     """The same kernels as the ops in :mod:`.ops`, without their torch.library dispatch: eager
     calls take this path (the dispatch cost ~100 us of host time per op on the H100 machine,
-    bench/NOTES.md); anything torch.compile traces goes through the ops."""
+    docs/perf-notes.md); anything torch.compile traces goes through the ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, num, idx, scale, is_causal, block_q, block_k):
-        out, lse = kernels.attention_fwd(q, k, v, num, idx, scale, is_causal, block_q, block_k)
-        ctx.save_for_backward(q, k, v, out, lse, num, idx)
+    def forward(ctx, q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k):
+        out, lse = kernels.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
+                                         block_k)
+        ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices)
         ctx.args = (scale, is_causal, block_q, block_k)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, num, idx = ctx.saved_tensors
-        dq, dk, dv = kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, num, idx, *ctx.args)
+        q, k, v, out, lse, kv_num_blocks, kv_indices = ctx.saved_tensors
+        dq, dk, dv = kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices,
+                                           *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -44,8 +46,8 @@ def _predict(q, k, scale, is_causal, cfg):
     return kernels.predict_mask(*args)
 
 
-def _attend(q, k, v, num, idx, scale, is_causal, block_q, block_k):
-    args = (q, k, v, num, idx, scale, bool(is_causal), block_q, block_k)
+def _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k):
+    args = (q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k)
     if torch.compiler.is_compiling():
         return ops.block_sparse_attention_op(*args)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -64,8 +66,8 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
     cfg = _config(config)
     check_flag("is_causal", is_causal)
     scale = check_qkv(q, k, None, scale)
-    num, idx = _predict(q, k, scale, is_causal, cfg)
-    return SpargeBlockMask(num, idx, q.shape[2], k.shape[2], cfg.block_q, cfg.block_k,
+    kv_num_blocks, kv_indices = _predict(q, k, scale, is_causal, cfg)
+    return SpargeBlockMask(kv_num_blocks, kv_indices, q.shape[2], k.shape[2], cfg.block_q, cfg.block_k,
                            bool(is_causal))._trusted()
 
 
@@ -84,14 +86,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     check_flag("return_mask", return_mask)
     scale = check_qkv(q, k, v, scale)
     if block_mask is None:
-        num, idx = _predict(q, k, scale, is_causal, cfg)
+        kv_num_blocks, kv_indices = _predict(q, k, scale, is_causal, cfg)
         bq, bk = cfg.block_q, cfg.block_k
     else:
         check_block_mask(block_mask, q, k)
-        num, idx, bq, bk = block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_q, block_mask.block_k
-    out = _attend(q, k, v, num, idx, scale, is_causal, bq, bk)
+        kv_num_blocks, kv_indices = block_mask.kv_num_blocks, block_mask.kv_indices
+        bq, bk = block_mask.block_q, block_mask.block_k
+    out = _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, bq, bk)
     if return_mask:
         mask = block_mask if block_mask is not None else SpargeBlockMask(
-            num, idx, q.shape[2], k.shape[2], bq, bk, bool(is_causal))._trusted()
+            kv_num_blocks, kv_indices, q.shape[2], k.shape[2], bq, bk, bool(is_causal))._trusted()
         return out, mask
     return out

@@ -79,19 +79,33 @@ class SpargeBlockMask:
     def to_flex(self):
         """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (block_q x block_k).
 
-        Causal masking inside diagonal blocks is not encoded in the block indices: pass the
-        causal ``mask_mod`` to flex_attention (or use :func:`causal_mask_mod`).
+        ``flex_attention(q, k, v, block_mask=m.to_flex())`` computes what the sparse op does,
+        compiled or eager. Kept blocks wholly visible are *full* blocks (a compiled FlexAttention
+        runs them without a mask_mod); kept blocks the causal diagonal crosses are partial. The
+        ``mask_mod`` (the kept-block lookup, and ``q_idx >= kv_idx`` when causal) is the exact
+        mask, for the partial blocks and for eager FlexAttention, which ignores the indices.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
-        mask_mod = None
-        if self.is_causal:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return q_idx >= kv_idx
-        num = self.kv_num_blocks
-        idx = self.kv_indices
-        kwargs = dict(BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=mask_mod)
+        keep, bq, bk, causal = self.to_dense(), self.block_q, self.block_k, self.is_causal
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            kept = keep[b, h, q_idx // bq, kv_idx // bk]
+            return kept & (q_idx >= kv_idx) if causal else kept
+
+        qb = torch.arange(keep.shape[-2], device=keep.device)[:, None]
+        kb = torch.arange(keep.shape[-1], device=keep.device)[None, :]
+        whole = (qb * bq >= (kb + 1) * bk - 1) if causal else torch.ones_like(keep[0, 0])
+        part, full = _kv_lists(keep & ~whole), _kv_lists(keep & whole)
+        kwargs = dict(BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
         try:
-            return BlockMask.from_kv_blocks(num, idx, seq_lengths=(self.q_len, self.kv_len), **kwargs)
+            return BlockMask.from_kv_blocks(*part, *full, seq_lengths=(self.q_len, self.kv_len), **kwargs)
         except TypeError:  # older torch: no seq_lengths
-            return BlockMask.from_kv_blocks(num, idx, **kwargs)
+            return BlockMask.from_kv_blocks(*part, *full, **kwargs)
+
+
+def _kv_lists(dense: torch.Tensor):
+    """(kv_num_blocks, kv_indices) of a dense (B, H, nq, nk) block mask, kept blocks first, ascending."""
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num, idx

@@ -327,7 +327,7 @@ def _materialize(inputs, batches, device) -> list:
         n = 4 if batches is None else int(batches)
         out = [_call_inputs(inputs, i) for i in range(n)]
     else:
-        if isinstance(inputs, (Tensor, dict)):
+        if isinstance(inputs, (Tensor, dict)) or not hasattr(inputs, "__iter__"):
             raise CalibrationError("inputs must be a list of batches or a callable(i) -> batch; wrap a "
                                    "single batch as [batch]")
         out = []
@@ -393,7 +393,7 @@ class _Calibrator:
         st = self.sites.get(self.key_to_sid.get(key, ""))
         if st is None:
             return None
-        from .passes.runtime import dense_attention
+        from .site_ops import dense_attention
 
         self.calls += 1
         dense = dense_attention(q, k, v, scale, is_causal)
@@ -588,8 +588,7 @@ def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate: model must be an nn.Module, got {type(model).__name__}")
-    from .backend import SpargeBackend
-    from .passes.runtime import capture_hook
+    from .compiler import SpargeBackend
 
     device = next((p.device for p in model.parameters()), None)
     data = _materialize(inputs, batches, device)
@@ -609,7 +608,7 @@ def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
     model.eval()
     try:
         compiled = torch.compile(model, backend=be, dynamic=False)
-        with torch.no_grad(), capture_hook(cal):
+        with torch.no_grad(), be.capturing(cal):
             _run_batches(compiled, data[:1], cal, "stats")   # compiles the capture graph(s)
             _sync(device)
             t_first = time.perf_counter()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SpargeConfig
+from .validate import check_distill_args
 
 __all__ = ["CHECKPOINT_NAME", "DistillError", "DistillResult", "DistillStep", "NonFiniteLossError",
            "distill", "load_checkpoint"]
@@ -116,7 +117,7 @@ def make_student(module: nn.Module, config: SpargeConfig, inner: str | None = No
     (default on the CPU) or "eager". Returns ``(student, backend)``; ``backend.report()``
     lists every attention site, rewritten or kept dense and why.
     """
-    from .backend import backend as make_backend
+    from .compiler import backend as make_backend
 
     be = make_backend(config=config, inner=inner or _default_inner(module))
     return torch.compile(module, backend=be), be
@@ -601,10 +602,12 @@ def distill(model: nn.Module, inputs, *, steps: int, lr: float = 1e-5, config: S
     model = _unwrap_compiled(model)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
-    if checkpoint_every < 1 or log_every < 1:
-        raise ValueError("checkpoint_every and log_every must be >= 1")
+    check_distill_args(lr=lr, grad_accum=grad_accum, checkpoint_every=checkpoint_every, log_every=log_every,
+                       max_grad_norm=max_grad_norm, amp_dtype=amp_dtype, seed=seed, trainable=trainable,
+                       teacher=teacher, checkpoint_dir=checkpoint_dir, callback=callback,
+                       compile_fn=compile_fn,
+                       flags={"resume": resume, "progress": progress, "inplace": inplace,
+                              "train_mode": train_mode, "check_rewrite": check_rewrite})
     if on_interrupt not in ("raise", "return"):
         raise ValueError(f"on_interrupt must be 'raise' or 'return', got {on_interrupt!r}")
     if config is None:

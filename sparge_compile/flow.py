@@ -1,4 +1,4 @@
-"""Flow-matching helpers for distilling a diffusion model (DESIGN.md section 1, Distillation).
+"""Flow-matching helpers for distilling a diffusion model: timesteps, noised inputs, Euler sampling.
 
 Convention (rectified flow, as in SD3 / Wan): ``x_t = (1 - t) * x0 + t * eps``, so ``t = 0`` is
 data and ``t = 1`` is pure noise; the model predicts the velocity ``v = dx_t/dt = eps - x0``.
@@ -93,13 +93,8 @@ def flow_matching_inputs(latents: Tensor | None = None, cond: Any = None, batch_
     if (latents is None) == (teacher is None):
         raise ValueError("pass exactly one of latents= (a data batch) or teacher= (sample x0 from it)")
     if teacher is not None:
-        if noise_shape is None or num_samples is None:
-            raise ValueError("teacher= needs noise_shape= (one sample's shape) and num_samples=")
-        dev = device if device is not None else _module_device(teacher)
-        gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
-        noise = torch.randn((num_samples, *noise_shape), generator=gen).to(dev)
-        c = _index(cond, torch.arange(num_samples)) if cond is not None else None
-        latents = euler_sample(teacher, noise, c, steps=sample_steps, timestep_scale=timestep_scale)
+        latents = _teacher_samples(teacher, cond, noise_shape, num_samples, sample_steps, timestep_scale,
+                                   seed, device)
     if not isinstance(latents, Tensor) or latents.dim() < 2:
         raise TypeError("latents must be a tensor of clean samples with a leading batch axis (N, ...)")
     n = latents.shape[0]
@@ -123,6 +118,17 @@ def flow_matching_inputs(latents: Tensor | None = None, cond: Any = None, batch_
         return tuple(items)
 
     return draw
+
+
+def _teacher_samples(teacher, cond, noise_shape, num_samples, steps, timestep_scale, seed, device):
+    """x0 for flow_matching_inputs(teacher=...): the teacher's samples from seeded noise."""
+    if noise_shape is None or num_samples is None:
+        raise ValueError("teacher= needs noise_shape= (one sample's shape) and num_samples=")
+    dev = device if device is not None else _module_device(teacher)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
+    noise = torch.randn((num_samples, *noise_shape), generator=gen).to(dev)
+    c = _index(cond, torch.arange(num_samples)) if cond is not None else None
+    return euler_sample(teacher, noise, c, steps=steps, timestep_scale=timestep_scale)
 
 
 def _module_device(m) -> torch.device:

@@ -1,7 +1,7 @@
 """torch.library registrations: the sparse attention ops, their fake (meta) kernels and autograd.
 
 * ``sparge::predict_block_mask``  (q, k, ...) -> (kv_num_blocks, kv_indices)      no gradient
-* ``sparge::block_sparse_attention`` (q, k, v, kv_num, kv_idx, ...) -> (out, lse)  differentiable
+* ``sparge::block_sparse_attention`` (q, k, v, kv_num_blocks, kv_indices, ...) -> (out, lse)  differentiable
   in q, k and v (the mask is a constant); lse is not differentiated
 * ``sparge::block_sparse_attention_backward`` -> (dq, dk, dv)
 
@@ -19,29 +19,26 @@ from .reference import cdiv
 @torch.library.custom_op("sparge::predict_block_mask", mutates_args=())
 def predict_block_mask_op(q: Tensor, k: Tensor, scale: float, is_causal: bool, topk: float,
                           topp: float, mode: str, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
-    num, idx = kernels.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
-    return num, idx
+    return kernels.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
 
 
 @predict_block_mask_op.register_fake
 def _(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
     B, H, Nq, _ = q.shape
     nq, nk = cdiv(Nq, block_q), cdiv(k.shape[2], block_k)
-    num = q.new_empty((B, H, nq), dtype=torch.int32)
-    idx = q.new_empty((B, H, nq, nk), dtype=torch.int32)
-    return num, idx
+    return q.new_empty((B, H, nq), dtype=torch.int32), q.new_empty((B, H, nq, nk), dtype=torch.int32)
 
 
 @torch.library.custom_op("sparge::block_sparse_attention", mutates_args=())
-def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num: Tensor, kv_idx: Tensor,
+def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                               scale: float, is_causal: bool, block_q: int,
                               block_k: int) -> tuple[Tensor, Tensor]:
-    out, lse = kernels.attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k)
+    out, lse = kernels.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k)
     return out, lse
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
@@ -49,29 +46,29 @@ def _(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
 
 @torch.library.custom_op("sparge::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                       lse: Tensor, kv_num: Tensor, kv_idx: Tensor, scale: float,
+                                       lse: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor, scale: float,
                                        is_causal: bool, block_q: int,
                                        block_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, kv_num, kv_idx, scale,
+    return kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices, scale,
                                  is_causal, block_q, block_k)
 
 
 @block_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k):
     # the kernels return contiguous gradients whatever the layout of q, k, v
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k = inputs
+    q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num, kv_idx)
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices)
     ctx.args = (scale, is_causal, block_q, block_k)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_num, kv_idx = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, kv_num, kv_idx, *ctx.args)
+    q, k, v, out, lse, kv_num_blocks, kv_indices = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 

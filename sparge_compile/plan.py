@@ -316,15 +316,6 @@ class SpargePlan:
                                   f"{e.colno}: {e.msg})") from e
         return cls._parse(d, str(path))
 
-    @classmethod
-    def coerce(cls, plan):
-        """A SpargePlan from a plan, a path to a saved one, or its dict; anything else unchanged."""
-        if isinstance(plan, (str, os.PathLike)):
-            return cls.load(plan)
-        if isinstance(plan, dict) and plan.get("format") == FORMAT:
-            return cls.from_dict(plan)
-        return plan
-
     # ------------------------------------------------------------------ applying it
     def site_config(self, site_id: str, default: SpargeConfig):
         """The config for a site: the plan's choice, None (dense) or ``default`` (not in the plan)."""
@@ -415,3 +406,45 @@ class SpargePlan:
 
 
 __all__ = ["PlanFormatError", "PlanMismatchError", "PlanSite", "SpargePlan", "site_signature"]
+
+
+# ---------------------------------------------------------------------- resolving a plan option
+def resolve_plan(plan):
+    """The one place a ``plan`` option is read: None, a :class:`SpargePlan` (or the path of a saved
+    one, or its dict), a dict ``{site id: choice}`` (key ``"*"`` for the rest) or a callable
+    ``plan(site_report) -> choice``. Returns None, a SpargePlan, a dict or the callable."""
+    if isinstance(plan, (str, os.PathLike)):
+        return SpargePlan.load(plan)
+    if isinstance(plan, dict) and plan.get("format") == FORMAT:
+        return SpargePlan.from_dict(plan)
+    if plan is None or isinstance(plan, SpargePlan) or callable(plan):
+        return plan
+    if not isinstance(plan, dict):
+        raise TypeError(f"sparge: plan must be a SpargePlan, a path to a saved one, a dict or a callable, "
+                        f"got {type(plan).__name__}")
+    bad = [key for key in plan if not (isinstance(key, str) and (key == "*" or "#" in key))]
+    if bad:
+        raise ValueError(f"sparge: plan keys are site ids such as 'blocks.0.attn#0' (the 'id' column of "
+                         f"sc.explain(model)) or '*', got {bad}")
+    return plan
+
+
+def plan_choice(plan, info, config: SpargeConfig):
+    """A site's config under a resolved plan (``info``: its SiteReport): a SpargeConfig, or None
+    to keep it dense."""
+    if plan is None:
+        return config
+    sid = info.site_id
+    if isinstance(plan, SpargePlan):
+        return plan.site_config(sid, config)
+    choice = plan(info) if callable(plan) else plan.get(sid, plan.get("*", config))
+    if choice is None or choice is False or choice == "dense":
+        return None
+    if choice is True or choice == "sparse":
+        return config
+    if isinstance(choice, dict):
+        return config.replace(**choice)
+    if isinstance(choice, SpargeConfig):
+        return choice
+    raise TypeError(f"sparge: plan for site {sid!r} must be a SpargeConfig, a dict of its fields, a bool, "
+                    f"'dense' or None, got {type(choice).__name__}")

@@ -161,10 +161,3 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     s = (q @ k.transpose(-2, -1)) * scale
     s = s.masked_fill(~m, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
-
-
-def reference_sparse_attention(q, k, v, scale=None, is_causal=False, topk=0.03, topp=0.2,
-                               mode="hybrid", block_q=128, block_k=64):
-    """Mask rule + masked attention, end to end, in the dtype of the inputs."""
-    mask = reference_block_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
-    return masked_attention(q, k, v, mask, scale, is_causal, block_q, block_k)

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .config import HEAD_DIMS_SUPPORTED, head_dim_ok
+from .config import HEAD_DIMS_SUPPORTED, _is_pow2, head_dim_ok
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,6 +68,8 @@ def _mask_fields_ok(m, q: torch.Tensor, k: torch.Tensor) -> None:
         val = getattr(m, name, None)
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise ValueError(f"block_mask.{name} must be a positive int, got {val!r}")
+        if not (_is_pow2(val) and 16 <= val <= 256):   # what the kernels compile for (as SpargeConfig)
+            raise ValueError(f"block_mask.{name} must be a power of two in [16, 256], got {val}")
     if (m.q_len, m.kv_len) != (Nq, Nk):
         raise ValueError(f"block_mask was built for q_len={m.q_len}, kv_len={m.kv_len} but q has {Nq} "
                          f"tokens and k has {Nk}")
@@ -125,3 +127,46 @@ def check_block_mask(m, q: torch.Tensor, k: torch.Tensor) -> None:
     if m._checked != stamp:
         _mask_values_ok(m.kv_num_blocks, m.kv_indices)
         m._checked = stamp
+
+
+def _check_int(name: str, x, low: int) -> None:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {x!r}")
+    if x < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {x!r}")
+
+
+def _check_optional(name: str, x, ok: bool, what: str) -> None:
+    if x is not None and not ok:
+        raise TypeError(f"{name} must be None or {what}, got {type(x).__name__}: {x!r}")
+
+
+def check_distill_args(*, lr, grad_accum, checkpoint_every, log_every, max_grad_norm, amp_dtype, seed,
+                       trainable, teacher, checkpoint_dir, callback, compile_fn, flags: dict) -> None:
+    """distill()'s argument types and ranges, before anything is copied, compiled or run."""
+    import os
+
+    from torch import nn
+
+    if not is_real(lr):
+        raise TypeError(f"lr must be a number, got {type(lr).__name__}: {lr!r}")
+    if not (0.0 <= lr < math.inf):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    for name, x in (("grad_accum", grad_accum), ("checkpoint_every", checkpoint_every),
+                    ("log_every", log_every)):
+        _check_int(name, x, 1)
+    _check_optional("max_grad_norm", max_grad_norm, is_real(max_grad_norm), "a number > 0")
+    if max_grad_norm is not None and not (0.0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
+    _check_optional("amp_dtype", amp_dtype, amp_dtype in (torch.float16, torch.bfloat16),
+                    "torch.bfloat16 or torch.float16")
+    _check_optional("seed", seed, isinstance(seed, int) and not isinstance(seed, bool), "an int")
+    _check_optional("trainable", trainable, callable(trainable) or hasattr(trainable, "__iter__"),
+                    "a callable(name, param) -> bool, parameter-name prefixes or parameters")
+    _check_optional("teacher", teacher, isinstance(teacher, nn.Module), "a torch.nn.Module")
+    _check_optional("checkpoint_dir", checkpoint_dir, isinstance(checkpoint_dir, (str, os.PathLike)),
+                    "a directory path (str or os.PathLike)")
+    _check_optional("callback", callback, callable(callback), "a callable(DistillStep)")
+    _check_optional("compile_fn", compile_fn, callable(compile_fn), "a callable(module, config)")
+    for name, value in flags.items():
+        check_flag(name, value)

@@ -11,6 +11,7 @@ import sys
 import types
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import sparge_compile as sc
@@ -71,6 +72,18 @@ class SameMasks:
     def __exit__(self, *exc):
         for obj, name, orig in self._saved:
             setattr(obj, name, orig)
+
+
+class TinyAttention(nn.Module):
+    """One SDPA site with a fused qkv projection (x: (1, 64, 64))."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(64, 192), nn.Linear(64, 64)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 64, 64))
 
 
 def run_same_masks(model, masks, *args):

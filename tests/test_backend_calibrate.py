@@ -215,18 +215,6 @@ def test_mismatched_plan_raises(plans, model_fn, match):
     assert isinstance(e, PlanMismatchError), repr(info.value)
 
 
-def test_bad_arguments():
-    m = make_model()
-    with pytest.raises(ValueError, match="exactly one"):
-        sc.calibrate(m, CAL, config=CFG)
-    with pytest.raises(ValueError, match="exactly one"):
-        sc.calibrate(m, CAL, target_sparsity=0.5, max_error=0.1, config=CFG)
-    with pytest.raises(ValueError, match="target_sparsity"):
-        sc.calibrate(m, CAL, target_sparsity=1.5, config=CFG)
-    with pytest.raises(sc.CalibrationError, match="batch"):
-        sc.calibrate(m, CAL[0][0], target_sparsity=0.5, config=CFG)
-
-
 @pytest.mark.parametrize("causal, shape", [(False, (2, 4, 2, 100, 90, 32)), (True, (1, 2, 1, 77, 77, 16))])
 def test_site_tables_are_exact(causal, shape):
     """The statistics behind the search: for every grid point, the kept block pairs and the

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,13 +66,29 @@ def test_kept_count_is_max_of_rules(pb):
     scale = 1.0 / math.sqrt(pb["D"])
     p = R.block_scores(q.double(), k.double(), scale, False, cfg.block_q, cfg.block_k)
     nvis = torch.full(p.shape[:-1], p.shape[-1])
-    c_k, c_p, c = R.keep_counts(p, nvis, cfg.topk, cfg.topp, cfg.mode)
-    expect = {"hybrid": torch.maximum(c_k, c_p), "topk": c_k, "topp": c_p}[cfg.mode].clamp_min(1)
-    assert torch.equal(c, expect)
+    _, _, c = R.keep_counts(p, nvis, cfg.topk, cfg.topp, cfg.mode)
+    assert torch.equal(c, _counts_by_loop(p, cfg.topk, cfg.topp, cfg.mode))
     got = m.kv_num_blocks.long()
     if not torch.equal(got, c):
         ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), cfg, False)
         assert ok and (got - c).abs().max() <= 1
+
+
+def _counts_by_loop(p, topk, topp, mode):
+    """The keep rule row by row, written from its definition (an oracle for keep_counts)."""
+    rows = p.reshape(-1, p.shape[-1]).tolist()
+    out = []
+    for row in rows:
+        n = len(row)
+        c_k = math.ceil(float(np.float32(topk) * np.float32(n)))
+        mass, c_p = 0.0, 0
+        for x in sorted(row, reverse=True):
+            if mass >= topp:
+                break
+            mass, c_p = mass + x, c_p + 1
+        c = {"hybrid": max(c_k, c_p), "topk": c_k, "topp": c_p}[mode]
+        out.append(max(1, min(c, n)))
+    return torch.tensor(out).reshape(p.shape[:-1])
 
 
 @given(problems())

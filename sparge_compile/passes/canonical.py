@@ -177,16 +177,20 @@ def canonicalize(node: fx.Node, gm: fx.GraphModule | None = None) -> Canon:
 def _canonicalize(node: fx.Node, gm) -> Canon:
     target, args, kwargs = _target_and_args(node, gm)
     method = target if node.op == "call_method" else None
-    r_out = rank(node)
+    for family in _FAMILIES:
+        c = family(node, target, method, args, kwargs)
+        if c is not None:
+            return c
+    return Canon("other")
 
-    # --- matmul family
+
+def _matmul(node, target, method, args, kwargs):
     if target in MATMUL_FNS or method in MATMUL_METHODS:
         a, b = args[0], args[1]
         if is_tensor_node(a) and is_tensor_node(b):
             return Canon("matmul", args=dict(a=a, b=b, pa=None, pb=None, po=None, alpha=None, bias=None))
     if target is torch.einsum:
-        eq = args[0]
-        ops = list(args[1:])
+        eq, ops = args[0], list(args[1:])
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
             ops = list(ops[0])
         if isinstance(eq, str) and len(ops) == 2 and all(is_tensor_node(o) for o in ops):
@@ -197,53 +201,60 @@ def _canonicalize(node: fx.Node, gm) -> Canon:
                                                  bias=None))
     if target in (torch.baddbmm, torch.Tensor.baddbmm) or method == "baddbmm":
         inp, b1, b2 = args[0], args[1], args[2]
-        beta = kwargs.get("beta", 1)
-        alpha = kwargs.get("alpha", 1)
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
         if is_tensor_node(b1) and is_tensor_node(b2) and _is_scalar(alpha) and isinstance(beta, (int, float)):
-            bias = None if beta == 0 else inp
             return Canon("matmul", args=dict(a=b1, b=b2, pa=None, pb=None, po=None,
-                                             alpha=None if alpha == 1 else alpha, bias=bias,
-                                             beta=beta))
+                                             alpha=None if alpha == 1 else alpha,
+                                             bias=None if beta == 0 else inp, beta=beta))
+    return None
 
-    # --- transposes of the last two axes
+
+def _transpose(node, target, method, args, kwargs):
+    """Transposes of the last two axes (transpose, swapaxes, .mT, permute)."""
     x = args[0] if args else None
     r_in = rank(x)
     if target in TRANSPOSE_FNS or method in ("transpose", "swapaxes", "swapdims"):
         d0, d1 = (args[1], args[2]) if len(args) >= 3 else (kwargs.get("dim0"), kwargs.get("dim1"))
         d = sorted([_norm_dim(d0, r_in), _norm_dim(d1, r_in)])
-        if r_in is not None and r_in >= 2 and d == [r_in - 2, r_in - 1]:
-            return Canon("transpose", x=x)
-        return Canon("other")
+        ok = r_in is not None and r_in >= 2 and d == [r_in - 2, r_in - 1]
+        return Canon("transpose", x=x) if ok else Canon("other")
     if target is getattr and len(args) == 2 and args[1] == "mT":
         return Canon("transpose", x=x)
     if target is torch.permute or method == "permute":
         perm = args[1:] if len(args) > 2 else (args[1] if len(args) > 1 else kwargs.get("dims"))
         if isinstance(perm, int):
             perm = [perm]
-        if perm is not None and _swaps_last_two(list(perm), r_in):
-            return Canon("transpose", x=x)
-        return Canon("other")
+        ok = perm is not None and _swaps_last_two(list(perm), r_in)
+        return Canon("transpose", x=x) if ok else Canon("other")
+    return None
 
-    # --- scalar scales
-    if target in MUL_FNS or target in DIV_FNS or method in ("mul", "div", "__mul__", "__truediv__",
-                                                            "mul_", "div_", "__rmul__"):
-        is_div = target in DIV_FNS or method in ("div", "__truediv__", "div_")
-        a, b = args[0], args[1]
-        if is_div:
-            if kwargs.get("rounding_mode") is not None:
-                return Canon("other")
-            if is_tensor_node(a) and _is_scalar(b):
-                return Canon("scale", x=a, args=dict(op="div", factor=b))
-            return Canon("other")
-        if is_tensor_node(a) and _is_scalar(b):
-            return Canon("scale", x=a, args=dict(op="mul", factor=b))
-        if is_tensor_node(b) and _is_scalar(a):
-            return Canon("scale", x=b, args=dict(op="mul", factor=a))
-        return Canon("other")
 
-    # --- casts and identities
-    if method in CAST_METHODS or target in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.to,
-                                            torch.Tensor.type_as, torch.Tensor.bfloat16):
+_MUL_METHODS = ("mul", "div", "__mul__", "__truediv__", "mul_", "div_", "__rmul__")
+
+
+def _scale(node, target, method, args, kwargs):
+    """Multiplication or division by a scalar."""
+    if not (target in MUL_FNS or target in DIV_FNS or method in _MUL_METHODS):
+        return None
+    a, b = args[0], args[1]
+    if target in DIV_FNS or method in ("div", "__truediv__", "div_"):
+        if kwargs.get("rounding_mode") is None and is_tensor_node(a) and _is_scalar(b):
+            return Canon("scale", x=a, args=dict(op="div", factor=b))
+        return Canon("other")
+    if is_tensor_node(a) and _is_scalar(b):
+        return Canon("scale", x=a, args=dict(op="mul", factor=b))
+    if is_tensor_node(b) and _is_scalar(a):
+        return Canon("scale", x=b, args=dict(op="mul", factor=a))
+    return Canon("other")
+
+
+_CAST_FNS = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.to, torch.Tensor.type_as,
+             torch.Tensor.bfloat16)
+
+
+def _cast_or_identity(node, target, method, args, kwargs):
+    x = args[0] if args else None
+    if method in CAST_METHODS or target in _CAST_FNS:
         ev, evx = example_value(node), example_value(x)
         if isinstance(ev, torch.Tensor) and isinstance(evx, torch.Tensor) and ev.shape == evx.shape \
                 and ev.device == evx.device:
@@ -253,38 +264,51 @@ def _canonicalize(node: fx.Node, gm) -> Canon:
         if kwargs.get("memory_format") not in (None, torch.contiguous_format, torch.preserve_format):
             return Canon("other")
         return Canon("identity", x=x)
+    return None
+
+
+def _dropout(node, target, method, args, kwargs):
+    x = args[0] if args else None
     if isinstance(target, torch.nn.Dropout):
         active = target.training and target.p > 0
         return Canon("dropout" if active else "identity", x=x, args=dict(p=target.p))
-    if target in DROPOUT_FNS:
-        if target is torch.dropout:  # torch.dropout(input, p, train)
-            p = args[1] if len(args) > 1 else kwargs.get("p")
-            train = args[2] if len(args) > 2 else kwargs.get("train")
-        else:  # F.dropout(input, p=0.5, training=True, inplace=False)
-            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-            train = args[2] if len(args) > 2 else kwargs.get("training", True)
-        if train is False or p == 0:
-            return Canon("identity", x=x)
-        return Canon("dropout", x=x, args=dict(p=p))
+    if target not in DROPOUT_FNS:
+        return None
+    if target is torch.dropout:  # torch.dropout(input, p, train)
+        p = args[1] if len(args) > 1 else kwargs.get("p")
+        train = args[2] if len(args) > 2 else kwargs.get("train")
+    else:  # F.dropout(input, p=0.5, training=True, inplace=False)
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        train = args[2] if len(args) > 2 else kwargs.get("training", True)
+    if train is False or p == 0:
+        return Canon("identity", x=x)
+    return Canon("dropout", x=x, args=dict(p=p))
 
-    # --- softmax
+
+def _softmax(node, target, method, args, kwargs):
     sm_module = isinstance(target, torch.nn.Softmax)
-    if target in SOFTMAX_FNS or method == "softmax" or sm_module:
-        if sm_module:
-            dim, dtype = target.dim, None
-        else:
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            dtype = args[2] if len(args) > 2 and not isinstance(args[2], int) else kwargs.get("dtype")
-        return Canon("softmax", x=x, args=dict(dim=_norm_dim(dim, r_in), rank=r_in, dtype=dtype))
+    if not (target in SOFTMAX_FNS or method == "softmax" or sm_module):
+        return None
+    x = args[0] if args else None
+    if sm_module:
+        dim, dtype = target.dim, None
+    else:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        dtype = args[2] if len(args) > 2 and not isinstance(args[2], int) else kwargs.get("dtype")
+    return Canon("softmax", x=x, args=dict(dim=_norm_dim(dim, rank(x)), rank=rank(x), dtype=dtype))
 
-    # --- fused attention and modules
+
+def _fused(node, target, method, args, kwargs):
+    """SDPA and F.multi_head_attention_forward, their arguments bound by name."""
     if target in SDPA_FNS:
         bound = _SDPA_SIG.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return Canon("sdpa", x=bound.arguments["query"], args=dict(bound.arguments))
-    if target in MHA_FNS:
-        sig = inspect.signature(F.multi_head_attention_forward)
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return Canon("mha", x=bound.arguments["query"], args=dict(bound.arguments))
-    return Canon("other")
+    elif target in MHA_FNS:
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    else:
+        return None
+    bound.apply_defaults()
+    kind = "sdpa" if target in SDPA_FNS else "mha"
+    return Canon(kind, x=bound.arguments["query"], args=dict(bound.arguments))
+
+
+_FAMILIES = (_matmul, _transpose, _scale, _cast_or_identity, _dropout, _softmax, _fused)

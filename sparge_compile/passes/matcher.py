@@ -23,6 +23,7 @@ from torch import fx
 from ..config import HEAD_DIMS_SUPPORTED, head_dim_ok
 from .canonical import example_value
 from .graph import canon, single_user
+from .mask_proof import CAUSAL, additive_mask, prove_mask
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,7 +42,10 @@ class Operand:
 
 
 @dataclass
-class Site:
+class AttentionMatch:
+    """One attention found in the FX graph: its anchor node, q/k/v, scale, and whether it may be
+    rewritten (with the reason when not)."""
+
     kind: str                      # "matmul-softmax" | "sdpa" | "mha"
     anchor: fx.Node                # its output is what the rewrite replaces
     spelling: str = ""
@@ -62,7 +66,7 @@ class Site:
     def name(self) -> str:
         return self.anchor.name
 
-    def dense(self, reason: str) -> "Site":
+    def dense(self, reason: str) -> "AttentionMatch":
         self.rewrite, self.reason = False, reason
         return self
 
@@ -111,7 +115,7 @@ def _is_matmul_near(g: nx.DiGraph, n, depth=3) -> bool:
     return False
 
 
-def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
+def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[AttentionMatch]:
     sites = []
     for n in gm.graph.nodes:
         c = canon(g, n)
@@ -121,6 +125,8 @@ def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
             s = _match_sdpa(g, n)
         elif c.kind == "mha":
             s = _match_mha(g, n)
+        elif n.op == "call_function" and n.target in FAST_PATHS:
+            s = _fast_path(n)
         else:
             continue
         if s is not None:
@@ -128,7 +134,7 @@ def find_sites(gm: fx.GraphModule, g: nx.DiGraph) -> list[Site]:
     return sites
 
 
-def _check_qkv(site: Site, gqa: bool = False) -> Site:
+def _check_qkv(site: AttentionMatch, gqa: bool = False) -> AttentionMatch:
     """Common checks on q/k/v operands (shapes in op layout (..., N, D))."""
     qs, ks, vs = site.q.shape(), site.k.shape(), site.v.shape()
     site.shapes = dict(q=_fmt(qs), k=_fmt(ks), v=_fmt(vs))
@@ -163,45 +169,39 @@ def _check_qkv(site: Site, gqa: bool = False) -> Site:
 
 
 # ---------------------------------------------------------------- hand-written softmax(QKᵀ)V
-def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
-    c_sm = canon(g, sm)
-    # walk back from the softmax to the score matmul
-    parts, chain, spell = [], [], []
-    n = c_sm.x
+def _walk_back(g: nx.DiGraph, n):
+    """From the softmax input back through scales, casts and identities: (node, chain, parts)."""
+    parts, chain = [], []
     while isinstance(n, fx.Node) and canon(g, n).kind in ("scale", "cast", "identity"):
         c = canon(g, n)
         chain.append(n)
-        spell.append(_spell(n))
         if c.kind == "scale":
             parts.append((c.args["op"], c.args["factor"]))
         n = c.x
-    if not isinstance(n, fx.Node) or canon(g, n).kind != "matmul":
-        if isinstance(n, fx.Node) and _is_matmul_near(g, n):
-            site = Site("matmul-softmax", sm, spelling=f"{_spell(n)} -> softmax")
-            return site.dense(f"scores pass through {_spell(n)} before the softmax (mask or bias)")
-        return None  # a softmax that is not attention
-    mm_s = n
-    cs = canon(g, mm_s)
-    site = Site("matmul-softmax", sm)
-    spell = [_spell(mm_s)] + spell[::-1] + [_spell(sm)]
-    site.spelling = " -> ".join(spell)
-    if c_sm.args["dim"] is None or c_sm.args["rank"] is None or c_sm.args["dim"] != c_sm.args["rank"] - 1:
-        return site.dense(f"softmax over axis {c_sm.args['dim']} of a rank-{c_sm.args['rank']} tensor, "
-                          "not the key axis")
+    return n, chain, parts
+
+
+def _scores_reason(g: nx.DiGraph, c_sm, cs, mm_s, chain) -> str | None:
+    """Why the scores feeding the softmax rule the site out (None: they do not)."""
+    dim, r = c_sm.args["dim"], c_sm.args["rank"]
+    if dim is None or r is None or dim != r - 1:
+        return f"softmax over axis {dim} of a rank-{r} tensor, not the key axis"
     if cs.args["bias"] is not None:
-        return site.dense(f"additive bias on the scores (baddbmm beta={cs.args.get('beta')})")
+        return f"additive bias on the scores (baddbmm beta={cs.args.get('beta')})"
     if cs.args["po"] is not None:
-        return site.dense("scores are permuted (einsum output not (..., q, k))")
+        return "scores are permuted (einsum output not (..., q, k))"
     for x in [mm_s] + chain:
         if not single_user(g, x):
-            return site.dense(f"scores ({x.name}) have another user outside the attention")
-    if cs.args["alpha"] is not None:
-        parts.append(("mul", cs.args["alpha"]))
-    # walk forward from the softmax to the PV matmul
+            return f"scores ({x.name}) have another user outside the attention"
+    return None
+
+
+def _walk_forward(g: nx.DiGraph, site: AttentionMatch, sm: fx.Node):
+    """From the softmax forward through casts to the P·V matmul: (matmul, casts) or (None, reason)."""
     post, n = [], sm
     while True:
         if not single_user(g, n):
-            return site.dense(f"attention probabilities ({n.name}) are used elsewhere (returned or reused)")
+            return None, f"attention probabilities ({n.name}) are used elsewhere (returned or reused)"
         u = next(iter(n.users))
         cu = canon(g, u)
         if cu.kind in ("cast", "identity") and cu.x is n:
@@ -210,42 +210,85 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> Site | None:
             n = u
             continue
         if cu.kind == "dropout":
-            return site.dense(f"dropout (p={cu.args.get('p')}) on the attention probabilities in training")
+            return None, f"dropout (p={cu.args.get('p')}) on the attention probabilities in training"
         if cu.kind == "matmul" and cu.args["a"] is n and cu.args["b"] is not n and cu.args["pa"] is None \
                 and cu.args["bias"] is None and cu.args["alpha"] is None:
-            mm_o = u
-            break
-        return site.dense(f"probabilities feed {_spell(u)}, not the left side of a matmul with V")
+            return u, post
+        return None, f"probabilities feed {_spell(u)}, not the left side of a matmul with V"
+
+
+def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
+    c_sm = canon(g, sm)
+    mm_s, chain, parts = _walk_back(g, c_sm.x)
+    proof, why = None, ""
+    masked = additive_mask(mm_s) if isinstance(mm_s, fx.Node) else None
+    if masked is not None:   # scores + where(cond, 0, -big): a mask, which may be proved causal
+        proof, why = _prove_scores_mask(masked[1], mm_s)
+        if proof is None:
+            site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
+            return site.dense(f"scores pass through {_spell(mm_s)} before the softmax: {why}")
+        add = mm_s
+        mm_s, chain2, parts2 = _walk_back(g, masked[0])
+        chain, parts = chain + [add] + chain2, parts + parts2
+    if not isinstance(mm_s, fx.Node) or canon(g, mm_s).kind != "matmul":
+        if isinstance(mm_s, fx.Node) and _is_matmul_near(g, mm_s):
+            site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
+            return site.dense(f"scores pass through {_spell(mm_s)} before the softmax (mask or bias)")
+        return None  # a softmax that is not attention
+    cs = canon(g, mm_s)
+    site = AttentionMatch("matmul-softmax", sm)
+    site.spelling = " -> ".join([_spell(mm_s)] + [_spell(x) for x in chain[::-1]] + [_spell(sm)])
+    reason = _scores_reason(g, c_sm, cs, mm_s, chain)
+    if reason is not None:
+        return site.dense(reason)
+    if cs.args["alpha"] is not None:
+        parts.append(("mul", cs.args["alpha"]))
+    mm_o, post = _walk_forward(g, site, sm)
+    if mm_o is None:
+        return site.dense(post)
     site.spelling += f" -> {_spell(mm_o)}"
     co = canon(g, mm_o)
     site.anchor = mm_o
     a, b = cs.args["a"], cs.args["b"]
     if min(example_value(x).dim() for x in (a, b, co.args["b"])) < 3:
         return None  # a product with a weight matrix (rank 2): a softmax between matmuls, not attention
-    r = example_value(b).dim()
     site.q = Operand(a, cs.args["pa"])
     if cs.args["pb"] is None and canon(g, b).kind == "transpose":
         site.k = Operand(canon(g, b).x)
     else:
-        site.k = Operand(b, _swap_last(cs.args["pb"], r))
+        site.k = Operand(b, _swap_last(cs.args["pb"], example_value(b).dim()))
     site.v = Operand(co.args["b"], co.args["pb"])
-    site.out_perm = co.args["po"]
-    site.scale_parts = parts
+    site.out_perm, site.scale_parts = co.args["po"], parts
     site.matched = [mm_o] + post[::-1] + [sm] + chain + [mm_s]
+    site.is_causal = proof == CAUSAL
     if example_value(mm_o).dtype != example_value(site.q.node).dtype:
         _check_qkv(site)
         return site.dense(f"output dtype {example_value(mm_o).dtype} differs from q's")
-    return _check_qkv(site)
+    site = _check_qkv(site)
+    if proof is not None and site.rewrite:
+        site.reason = f"rewritten ({why})"
+    return site
+
+
+def _prove_scores_mask(cond: fx.Node, scores: fx.Node):
+    ev = example_value(scores)
+    if not isinstance(ev, torch.Tensor) or ev.dim() < 2:
+        return None, "mask or bias"
+    proof, why = prove_mask(cond, ev.shape[-2], ev.shape[-1])
+    return proof, why.replace("attn_mask", "the additive mask")
 
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention
-def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> Site:
+def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     a = canon(g, n).args
-    site = Site("sdpa", n, spelling="scaled_dot_product_attention")
+    site = AttentionMatch("sdpa", n, spelling="scaled_dot_product_attention")
     site.q, site.k, site.v = Operand(a["query"]), Operand(a["key"]), Operand(a["value"])
     site = _check_qkv(site, gqa=a["enable_gqa"] is True)
+    proof = None
     if a["attn_mask"] is not None:
-        return site.dense("attn_mask given (a mask or additive bias)")
+        proof, why = _prove(a["attn_mask"], site)
+        if proof is None:
+            return site.dense(why)
     p = a["dropout_p"]
     if not isinstance(p, (int, float)):
         return site.dense("dropout_p is not a constant")
@@ -255,19 +298,29 @@ def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> Site:
         return site.dense("is_causal is not a constant")
     if not isinstance(a["enable_gqa"], bool):
         return site.dense("enable_gqa is not a constant")
-    site.is_causal = a["is_causal"]
+    site.is_causal = a["is_causal"] or proof == CAUSAL
     sc = a["scale"]
     if sc is not None and not (isinstance(sc, (int, float)) or
                                (isinstance(sc, fx.Node) and not isinstance(example_value(sc), torch.Tensor))):
         return site.dense("scale is not a number")
     site.scale_parts = [("mul", sc)]
+    if proof is not None and site.rewrite:
+        site.reason = f"rewritten ({why})"
     return site
 
 
+def _prove(mask: fx.Node, site: AttentionMatch):
+    """A mask built in the graph proved causal or all true (see :mod:`.mask_proof`)."""
+    evq, evk = example_value(site.q.node), example_value(site.k.node)
+    if not (isinstance(evq, torch.Tensor) and isinstance(evk, torch.Tensor)):
+        return None, "attn_mask given (q/k shapes unknown)"
+    return prove_mask(mask, evq.shape[-2], evk.shape[-2])
+
+
 # ---------------------------------------------------------------- nn.MultiheadAttention
-def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
+def _match_mha(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     a = canon(g, n).args
-    site = Site("mha", n, spelling="multi_head_attention_forward")
+    site = AttentionMatch("mha", n, spelling="multi_head_attention_forward")
     site.mha_args = a
     q, k = a["query"], a["key"]
     evq, evk = example_value(q), example_value(k)
@@ -279,14 +332,18 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
         if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) and \
                 not (u.op == "call_function" and u.target is operator.getitem and not u.users):
             return site.dense("the attention weights are used (need_weights)")
-    if a["key_padding_mask"] is not None or a["attn_mask"] is not None:
-        return site.dense("attn_mask / key_padding_mask given")
+    if a["key_padding_mask"] is not None:
+        return site.dense("key_padding_mask given (not supported yet)")
+    if a["attn_mask"] is not None:
+        if a["is_causal"] is not True:
+            return site.dense("attn_mask given without is_causal=True")
+        site.is_causal = True   # PyTorch's documented promise: the mask is causal
     if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
         return site.dense("bias_k / bias_v / add_zero_attn")
     if a["static_k"] is not None or a["static_v"] is not None:
         return site.dense("static_k / static_v")
-    if a["is_causal"] is not False:
-        return site.dense("is_causal hint (needs attn_mask)")
+    if a["is_causal"] is not False and a["attn_mask"] is None:
+        return site.dense("is_causal hint without attn_mask")
     if not isinstance(a["dropout_p"], (int, float)) or not isinstance(a["training"], bool):
         return site.dense("dropout / training not constant")
     if a["training"] and a["dropout_p"] > 0:
@@ -300,11 +357,23 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> Site:
         return site.dense(f"head dim {e / num_heads:g} unsupported (it must be {HEAD_DIMS_SUPPORTED})")
     if not isinstance(E, int) or E != e:
         return site.dense("embed_dim mismatch")
-    site.rewrite, site.reason = True, "rewritten"
+    site.rewrite = True
+    site.reason = "rewritten (is_causal=True: the mask is causal)" if site.is_causal else "rewritten"
     return site
 
 
-def key_length(site: Site):
+FAST_PATHS = {torch._transformer_encoder_layer_fwd: "TransformerEncoderLayer",
+              torch._native_multi_head_attention: "MultiheadAttention"}
+
+
+def _fast_path(n: fx.Node) -> AttentionMatch:
+    """PyTorch's fused inference kernels (eval, no grad): reported, kept dense."""
+    site = AttentionMatch("fastpath", n, spelling=n.target.__name__)
+    return site.dense(f"{FAST_PATHS[n.target]} fast path (eval, no grad): call "
+                      "torch.backends.mha.set_fastpath_enabled(False) before compiling to run it sparse")
+
+
+def key_length(site: AttentionMatch):
     if site.kind == "mha":
         return example_value(site.mha_args["key"]).shape[0]
     return site.k.shape()[-2]

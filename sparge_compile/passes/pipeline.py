@@ -7,11 +7,11 @@ import torch
 from torch import fx
 
 from ..config import SpargeConfig
-from ..plan import SpargePlan
-from . import runtime
+from .. import site_ops
+from ..plan import SpargePlan, plan_choice
 from .canonical import example_value
 from .graph import build_graph
-from .matcher import Site, find_sites, key_length
+from .matcher import AttentionMatch, find_sites, key_length
 from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
 
@@ -35,7 +35,7 @@ def module_path(node: fx.Node) -> str:
     return path.lstrip(".")
 
 
-def assign_site_ids(sites: list[Site], code=None) -> list[str]:
+def assign_site_ids(sites: list[AttentionMatch], code=None) -> list[str]:
     """Stable ids: ``"<module path>#<ordinal of the site in that module>"`` in graph order.
 
     The same model compiled again gets the same ids. A graph that starts after a graph break
@@ -55,29 +55,7 @@ def assign_site_ids(sites: list[Site], code=None) -> list[str]:
     return ids
 
 
-def _plan_config(plan, site: Site, info: SiteReport, config: SpargeConfig):
-    """A site's config from the plan: a SpargeConfig, or None to keep it dense."""
-    if plan is None:
-        return config
-    if isinstance(plan, SpargePlan):
-        return plan.site_config(info.site_id, config)
-    if callable(plan):
-        choice = plan(info)
-    else:
-        choice = plan.get(info.site_id, plan.get(site.name, plan.get("*", config)))
-    if choice is None or choice is False or choice == "dense":
-        return None
-    if choice is True or choice == "sparse":
-        return config
-    if isinstance(choice, dict):
-        return config.replace(**choice)
-    if isinstance(choice, SpargeConfig):
-        return choice
-    raise TypeError(f"plan for site {site.name!r} must be a SpargeConfig, dict, bool, 'dense' or None, "
-                    f"got {type(choice).__name__}")
-
-
-def graph_shapes(site: Site) -> dict:
+def graph_shapes(site: AttentionMatch) -> dict:
     """A site's q/k sizes as the graph has them, symbolic sizes kept as SymInts (``site.shapes``
     has them as strings), so that the plan's check can compare and guard on them."""
     try:
@@ -100,26 +78,29 @@ def _short(nk, min_len: int) -> bool:
 
 
 def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_name: str = "graph",
-                   code=None, capture: bool = False) -> GraphReport:
+                   code=None, capture: bool = False, owner: fx.Node | None = None) -> GraphReport:
     """Find every attention site in ``gm``, rewrite the ones that qualify; return the report.
 
     code: the code object Dynamo compiled (names the sites of a graph after a graph break).
     capture: rewrite qualifying sites to the calibration capture op (dense attention that
     reports its q, k, v to :mod:`sparge_compile.calibrate`) instead of the sparse op.
+    plan: a plan as :func:`sparge_compile.plan.resolve_plan` returns it.
+    owner: a placeholder holding a parameter of the compiled model (see ``explain``).
+    Each rewritten site's :class:`~sparge_compile.site_ops.SiteState` is held by its SiteReport.
     """
     g = build_graph(gm)
     sites = find_sites(gm, g)
     ids = assign_site_ids(sites, code)
     if isinstance(plan, SpargePlan):
         plan.check_graph([(sid, s.kind, graph_shapes(s)) for sid, s in zip(ids, sites)], graph_name)
-    report = GraphReport(graph=graph_name, config=config)
+    report = GraphReport(graph=graph_name)
     replaced: dict = {}
     for site, sid in zip(sites, ids):
         info = SiteReport(graph_name, site.name, site.kind, site.spelling, site.rewrite, site.reason,
                           site.shapes, site.dtype, site.is_causal, site_id=sid)
         cfg = config
         if site.rewrite:
-            cfg = _plan_config(plan, site, info, config)
+            cfg = plan_choice(plan, info, config)
             if cfg is None:
                 site.dense("kept dense by the plan")
         if site.rewrite:
@@ -128,9 +109,8 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
                 site.dense(f"short: key length {nk} < min_seq_len {cfg.min_seq_len}")
         info.rewritten, info.reason = site.rewrite, site.reason
         if site.rewrite:
-            key = runtime.new_site_key(f"{graph_name}/{site.name}")
-            runtime.register_site(key, cfg)
-            rewrite_site(gm, site, cfg, key, replaced, capture=capture)
+            key, info.state = site_ops.new_site(f"{graph_name}/{site.name}", cfg)
+            rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner)
             info.key, info.block_q, info.block_k = key, cfg.block_q, cfg.block_k
         report.sites.append(info)
     if replaced:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from . import runtime
+from ..block_mask import SpargeBlockMask
 
 log = logging.getLogger("sparge_compile.backend")
 
@@ -30,10 +30,7 @@ class SiteReport:
     block_k: int | None = None
     key: str | None = None     # run-time state key (rewritten sites)
     site_id: str = ""          # stable id: "<module path>#<ordinal>" (what a SpargePlan names)
-
-    @property
-    def state(self):
-        return runtime.site_state(self.key) if self.key else None
+    state: object = field(default=None, repr=False)   # its site_ops.SiteState (rewritten sites)
 
     @property
     def calls(self) -> int:
@@ -43,23 +40,15 @@ class SiteReport:
     @property
     def sparsity(self) -> float | None:
         """1 - kept / visible block pairs of the last mask this site used (None before a run)."""
-        st = self.state
-        if st is None or st.kv_num is None:
-            return None
-        from ..block_mask import SpargeBlockMask
-
-        m = SpargeBlockMask(st.kv_num, st.kv_idx, int(st.q_len), int(st.kv_len), self.block_q, self.block_k,
-                            st.is_causal)
-        return m.sparsity()
+        m = self.block_mask()
+        return None if m is None else m.sparsity()
 
     def block_mask(self):
         """The last :class:`SpargeBlockMask` this site used (None before a run)."""
         st = self.state
-        if st is None or st.kv_num is None:
+        if st is None or st.kv_num_blocks is None:
             return None
-        from ..block_mask import SpargeBlockMask
-
-        return SpargeBlockMask(st.kv_num, st.kv_idx, int(st.q_len), int(st.kv_len), self.block_q,
+        return SpargeBlockMask(st.kv_num_blocks, st.kv_indices, int(st.q_len), int(st.kv_len), self.block_q,
                                self.block_k, st.is_causal)
 
     def as_dict(self) -> dict:
@@ -75,10 +64,10 @@ class SiteReport:
 class GraphReport:
     graph: str
     code: object = None           # the code object Dynamo compiled (to find reports per model)
-    owner: object = None          # weakref to the module whose forward it was, if any
+    params: list = field(default_factory=list, repr=False)   # weakrefs to its parameter inputs
     sites: list[SiteReport] = field(default_factory=list)
-    config: object = None
     inner: str = "inductor"
+    serial: int = 0               # compile order (explain lists graphs in it)
 
 
 class Report:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import fx
 
 from ..config import SpargeConfig
-from . import runtime
-from .matcher import Operand, Site
+from .. import site_ops
+from .matcher import Operand, AttentionMatch
 
 
 def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
@@ -15,12 +15,14 @@ def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
     return graph.call_method("permute", (node, *op.perm))
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, config: SpargeConfig, key: str,
-                 replaced: dict | None = None, capture: bool = False) -> fx.Node:
+def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
+                 replaced: dict | None = None, capture: bool = False,
+                 owner: fx.Node | None = None) -> fx.Node:
     """Insert the sparse call before the site's anchor and route the anchor's users to it.
 
     replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
     capture: call the calibration capture op (dense attention, q/k/v reported) instead.
+    owner: a placeholder holding a parameter of the compiled model (tags the site's calls).
     """
     graph = gm.graph
     anchor = site.anchor
@@ -32,17 +34,17 @@ def rewrite_site(gm: fx.GraphModule, site: Site, config: SpargeConfig, key: str,
     with graph.inserting_before(anchor):
         if site.kind == "mha":
             a = site.mha_args
-            new = graph.call_function(runtime.mha_forward, resolve((
+            new = graph.call_function(site_ops.mha_forward, resolve((
                 a["query"], a["key"], a["value"], a["num_heads"], a["in_proj_weight"], a["in_proj_bias"],
                 a["out_proj_weight"], a["out_proj_bias"], a["use_separate_proj_weight"], a["q_proj_weight"],
                 a["k_proj_weight"], a["v_proj_weight"], config.block_q, config.block_k, key)),
-                {"capture": True} if capture else None)
+                {"capture": capture, "is_causal": site.is_causal})
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
-            fn = runtime.site_capture_attention if capture else runtime.site_attention
+            fn = site_ops.site_capture_attention if capture else site_ops.site_attention
             new = graph.call_function(fn, (
                 q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
-                config.block_k, key))
+                config.block_k, key, owner))
             if site.out_perm is not None:
                 new = graph.call_method("permute", (new, *site.out_perm))
     new.meta.update({k: v for k, v in anchor.meta.items() if k in ("stack_trace", "nn_module_stack",

@@ -1,4 +1,4 @@
-"""What a rewritten graph calls at run time.
+"""The per-site run-time ops: what a graph the backend rewrote calls at run time.
 
 * ``sparge::site_block_mask``: predicts a site's block mask (through ``sparge::predict_block_mask``)
   with the site's *current* topk/topp/mode, and records the mask for the report (a reference to
@@ -7,100 +7,101 @@
 * :func:`site_attention`: the replacement of one attention site (traced by AOTAutograd).
 * :func:`mha_forward`: ``F.multi_head_attention_forward`` with its attention made sparse.
 * ``sparge::site_capture`` / :func:`site_capture_attention`: what a site calls in the graphs
-  :func:`sparge_compile.calibrate` compiles: dense attention, with q, k, v handed to the active
-  capture hook (:func:`capture_hook`) on the way.
+  :func:`sparge_compile.calibrate` compiles: dense attention, with q, k, v handed to the hook
+  of the site's backend (``SpargeBackend.capturing``) on the way.
+
+Each site's :class:`SiteState` is owned by the backend that rewrote it (through its reports);
+the registry here only maps the key the graph carries to it, weakly, so nothing outlives its
+backend.
 """
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
-from ..config import SpargeConfig
-from ..reference import cdiv
+from . import ops
+from .config import SpargeConfig
+from .reference import cdiv
+
+MAX_TAGS = 64   # owner tags remembered per site (which models ran it; see SiteState.tags)
 
 
-@dataclass
+@dataclass(eq=False)
 class SiteState:
-    """Run-time state of one rewritten site: its config and the last mask it used."""
+    """Run-time state of one rewritten site: its config, the last mask it used, who ran it."""
 
     config: SpargeConfig
-    kv_num: Tensor | None = None
-    kv_idx: Tensor | None = None
+    kv_num_blocks: Tensor | None = None
+    kv_indices: Tensor | None = None
     q_len: int = 0
     kv_len: int = 0
     is_causal: bool = False
     calls: int = 0
     record: bool = True   # keep a reference to the last mask (for the report's measured sparsity)
+    hook: object = None   # capture sites: fn(key, q, k, v, scale, is_causal) -> out | None
+    tags: set = field(default_factory=set)   # data_ptr of a parameter of each model that ran it
+
+    def forget(self) -> None:
+        """Drop what the site collected (the last mask, the counters), keep its config."""
+        self.kv_num_blocks = self.kv_indices = None
+        self.calls = 0
+        self.tags.clear()
+
+    def tag(self, owner: Tensor | None) -> None:
+        if owner is not None and len(self.tags) < MAX_TAGS:
+            self.tags.add(owner.data_ptr())
 
 
-_SITES: dict[str, SiteState] = {}
+_SITES: "weakref.WeakValueDictionary[str, SiteState]" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 _COUNTER = [0]
 
 
-def new_site_key(prefix: str) -> str:
+def new_site(prefix: str, config: SpargeConfig) -> tuple[str, SiteState]:
+    """A fresh key and its state; the caller keeps the state alive (the registry is weak)."""
+    st = SiteState(config=config)
     with _LOCK:
         _COUNTER[0] += 1
-        return f"{prefix}#{_COUNTER[0]}"
+        key = f"{prefix}#{_COUNTER[0]}"
+        _SITES[key] = st
+    return key, st
 
 
-def register_site(key: str, config: SpargeConfig) -> SiteState:
-    st = SiteState(config=config)
-    _SITES[key] = st
+def _state(key: str) -> SiteState:
+    st = _SITES.get(key)
+    if st is None:
+        raise RuntimeError(f"sparge: attention site {key!r} belongs to a backend that no longer exists; "
+                           "compile the model again (torch._dynamo.reset() first)")
     return st
-
-
-def site_state(key: str) -> SiteState | None:
-    return _SITES.get(key)
 
 
 @torch.library.custom_op("sparge::site_block_mask", mutates_args=())
 def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q: int, block_k: int,
-                    site: str) -> tuple[Tensor, Tensor]:
-    st = _SITES.get(site)
-    cfg = st.config if st is not None else SpargeConfig(block_q=block_q, block_k=block_k)
-    num, idx = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
+                    site: str, owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    st = _state(site)
+    cfg = st.config
+    kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
                                          block_q, block_k)
-    if st is not None:
-        # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
-        # eager warm-up runs included, may hold no untracked references
-        st.kv_num, st.kv_idx = (num, idx) if st.record else (None, None)
-        st.q_len, st.kv_len, st.is_causal = q.shape[2], k.shape[2], is_causal
-        st.calls += 1
-    return num, idx
+    # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
+    # eager warm-up runs included, may hold no untracked references
+    st.kv_num_blocks, st.kv_indices = (kv_num_blocks, kv_indices) if st.record else (None, None)
+    st.q_len, st.kv_len, st.is_causal = q.shape[2], k.shape[2], is_causal
+    st.calls += 1
+    st.tag(owner)
+    return kv_num_blocks, kv_indices
 
 
 @site_block_mask.register_fake
-def _(q, k, scale, is_causal, block_q, block_k, site):
+def _(q, k, scale, is_causal, block_q, block_k, site, owner=None):
     B, H, Nq, _ = q.shape
     nq, nk = cdiv(Nq, block_q), cdiv(k.shape[2], block_k)
     return (q.new_empty((B, H, nq), dtype=torch.int32), q.new_empty((B, H, nq, nk), dtype=torch.int32))
-
-
-_CAPTURE: list = []   # the active capture hook(s); the innermost one receives the calls
-
-
-class capture_hook:
-    """Context: ``sparge::site_capture`` calls ``fn(site_key, q, k, v, scale, is_causal)``.
-
-    ``fn`` returns the attention output (or None for plain dense attention).
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __enter__(self):
-        _CAPTURE.append(self.fn)
-        return self
-
-    def __exit__(self, *exc):
-        _CAPTURE.remove(self.fn)
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool) -> Tensor:
@@ -113,11 +114,11 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bo
 
 @torch.library.custom_op("sparge::site_capture", mutates_args=())
 def site_capture(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool, block_q: int, block_k: int,
-                 site: str) -> Tensor:
-    st = _SITES.get(site)
-    if st is not None:
-        st.calls += 1
-    out = _CAPTURE[-1](site, q, k, v, scale, is_causal) if _CAPTURE else None
+                 site: str, owner: Tensor | None = None) -> Tensor:
+    st = _state(site)
+    st.calls += 1
+    st.tag(owner)
+    out = st.hook(site, q, k, v, scale, is_causal) if st.hook is not None else None
     if out is None:
         out = dense_attention(q, k, v, scale, is_causal)
     if any(out is t for t in (q, k, v)):   # a custom op may not return an input
@@ -126,7 +127,7 @@ def site_capture(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool,
 
 
 @site_capture.register_fake
-def _(q, k, v, scale, is_causal, block_q, block_k, site):
+def _(q, k, v, scale, is_causal, block_q, block_k, site, owner=None):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
@@ -157,34 +158,41 @@ def _op_layout(q, k, v, scale_parts):
     return q, k, v, float(scale), squeeze
 
 
+def _owner(owner):
+    return None if owner is None else owner.detach()
+
+
 def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
-                   block_k: int, site: str) -> Tensor:
+                   block_k: int, site: str, owner: Tensor | None = None) -> Tensor:
     """Sparse attention for a site: q (..., Nq, D), k/v (..., Nk, D), rank 3 or 4.
 
     scale_parts: factors whose product is the softmax scale (a symbolic size is allowed: then
     q is pre-scaled and the op runs with scale 1, which is the same function).
+    owner: a parameter of the model the graph belongs to (tells ``explain`` which model ran it).
     """
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
-    num, idx = site_block_mask(q.detach(), k.detach(), scale, bool(is_causal), block_q, block_k, site)
-    out, _ = ops.block_sparse_attention_op(q, k, v, num, idx, scale, bool(is_causal), block_q, block_k)
+    kv_num_blocks, kv_indices = site_block_mask(q.detach(), k.detach(), scale, bool(is_causal), block_q, block_k, site,
+                               _owner(owner))
+    out, _ = ops.block_sparse_attention_op(q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k)
     return out.squeeze(0) if squeeze else out
 
 
 def site_capture_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
-                           block_k: int, site: str) -> Tensor:
+                           block_k: int, site: str, owner: Tensor | None = None) -> Tensor:
     """The calibration stand-in for :func:`site_attention`: dense attention, q/k/v captured."""
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
-    out = site_capture(q, k, v, scale, bool(is_causal), block_q, block_k, site)
+    out = site_capture(q, k, v, scale, bool(is_causal), block_q, block_k, site, _owner(owner))
     return out.squeeze(0) if squeeze else out
 
 
 def mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
                 out_proj_bias, use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight,
-                block_q: int, block_k: int, site: str, capture: bool = False):
+                block_q: int, block_k: int, site: str, capture: bool = False, is_causal: bool = False):
     """``F.multi_head_attention_forward`` for the plain case (no masks, no bias_k/v, no dropout).
 
     query (L, N, E) or (L, E); returns (attn_output, None) like the original with weights unused.
     capture: the calibration stand-in (dense attention, q/k/v captured).
+    is_causal: causal attention (the site's attn_mask came with PyTorch's is_causal=True promise).
     """
     unbatched = query.dim() == 2
     if unbatched:
@@ -204,7 +212,8 @@ def mha_forward(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_
     k = k.view(src_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     v = v.view(src_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
     attend = site_capture_attention if capture else site_attention
-    out = attend(q, k, v, [("mul", None)], False, block_q, block_k, site)
+    out = attend(q, k, v, [("mul", None)], is_causal, block_q, block_k, site, in_proj_weight
+                 if in_proj_weight is not None else q_proj_weight)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
     out = F.linear(out, out_proj_weight, out_proj_bias).view(tgt_len, bsz, embed_dim)
     if unbatched:

@@ -10,7 +10,9 @@ autograd formula; the rewritten graph then goes to Inductor (or ``aot_eager``/``
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import weakref
@@ -19,10 +21,9 @@ import torch
 
 from .config import DEFAULT_CONFIG, SpargeConfig
 from .passes import sparsify_graph
-from .passes import runtime
-from .passes.shield import shield_softmax_axes
 from .passes.report import GraphReport, Report, log_graph_report
-from .plan import SpargePlan
+from .passes.shield import shield_softmax_axes
+from .plan import resolve_plan
 from .validate import check_flag
 
 log = logging.getLogger("sparge_compile.backend")
@@ -32,22 +33,21 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SpargeConfig))
 EXTRA_OPTIONS = ("inner", "plan", "inductor", "record_masks")
 RUNTIME_FIELDS = ("topk", "topp", "mode")   # change without a recompile (read by the mask op)
 
-_GRAPHS: list[GraphReport] = []
+_LIVE: "weakref.WeakSet[SpargeBackend]" = weakref.WeakSet()   # every backend object alive (explain)
 _LOCK = threading.Lock()
+_COUNT = [0]
+_SERIAL = itertools.count()   # graphs in compile order, across backends
 
 
-def _current_frame():
-    """(code, module) of the frame Dynamo is compiling (to attribute reports to a compiled model)."""
+def _current_code():
+    """The code object of the frame Dynamo is compiling (names sites after a graph break)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-        if tx is None:
-            return None, None
-        owner = tx.f_locals.get("self") if isinstance(tx.f_locals, dict) else None
-        return tx.f_code, owner if isinstance(owner, torch.nn.Module) else None
+        return None if tx is None else tx.f_code
     except Exception:
-        return None, None
+        return None
 
 
 def _graph_name() -> str:
@@ -57,7 +57,22 @@ def _graph_name() -> str:
             return str(cid)
     except Exception:
         pass
-    return f"g{len(_GRAPHS)}"
+    with _LOCK:
+        _COUNT[0] += 1
+        return f"g{_COUNT[0]}"
+
+
+def _parameters(gm: torch.fx.GraphModule, example_inputs):
+    """(the graph's parameters, the first placeholder that holds one): which model a graph
+    belongs to. Dynamo lifts parameters to inputs (or keeps them as attributes of ``gm``)."""
+    params = [p for p in gm.parameters()]
+    owner = None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, x in zip(placeholders, example_inputs):
+        if isinstance(x, torch.nn.Parameter):
+            params.append(x)
+            owner = owner if owner is not None else node
+    return [weakref.ref(p) for p in params], owner
 
 
 def _check_inner(inner):
@@ -80,7 +95,7 @@ def _apply_options(config: SpargeConfig, inner, plan, inductor_opts, options: di
     if fields:
         config = config.replace(**fields)
     inner = _check_inner(options.get("inner", inner))
-    plan = options.get("plan", plan)
+    plan = resolve_plan(options["plan"]) if "plan" in options else plan
     extra = options.get("inductor")
     if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):
         raise TypeError(f"sparge: option 'inductor' must be a dict of Inductor config patches "
@@ -88,16 +103,7 @@ def _apply_options(config: SpargeConfig, inner, plan, inductor_opts, options: di
     if "record_masks" in options:
         check_flag("sparge option 'record_masks'", options["record_masks"])
     inductor_opts = dict(inductor_opts or {}, **(extra or {}))
-    return config, inner, _check_plan(plan), inductor_opts
-
-
-def _check_plan(plan):
-    """A plan as the pass takes it: a SpargePlan (also from a saved path or its dict), a dict or
-    a callable."""
-    plan = SpargePlan.coerce(plan)
-    if plan is not None and not (callable(plan) or isinstance(plan, (dict, SpargePlan))):
-        raise TypeError(f"sparge: plan must be a SpargePlan, a dict or a callable, got {type(plan).__name__}")
-    return plan
+    return config, inner, plan, inductor_opts
 
 
 def _compile_inner(inner, gm, example_inputs, mode=None, inductor_opts=None):
@@ -124,13 +130,17 @@ class SpargeBackend:
     config: the SpargeConfig for every site (default: ``SpargeConfig()``).
     inner:  "inductor" (default), "aot_eager", "eager", or a backend callable for the rewritten graph.
     plan:   None (rewrite every qualifying site), a :class:`SpargePlan` from ``calibrate`` (or
-            the path of a saved one), or per-site decisions: a dict ``{site id or name:
+            the path of a saved one), or per-site decisions: a dict ``{site id:
             SpargeConfig | dict of fields | "dense" | None}`` (key "*" for the rest) or a
             callable ``plan(site_report) -> SpargeConfig | None``.
     record_masks: keep each site's last mask for the report's measured sparsity (default). Set
             False under CUDA graphs (``mode="reduce-overhead"``): their memory pool may hold no
             untracked tensors. Note that CUDA graphs also freeze topk/topp/mode at capture time:
             :meth:`set_config` then needs a new capture (``torch._dynamo.reset()`` and a new call).
+
+    The backend owns what it collects (the reports, each rewritten site's run-time state and
+    last mask): they are released with the backend, or by :meth:`reset` (which
+    ``torch._dynamo.reset()`` calls, dropping the compiled code too).
     """
 
     def __init__(self, config: SpargeConfig | None = None, inner="inductor", plan=None,
@@ -142,31 +152,30 @@ class SpargeBackend:
         self.config = config
         self.inner = _check_inner(inner)
         self.record_masks = check_flag("sparge: record_masks", record_masks)
-        self.plan = _check_plan(plan)
+        self.plan = resolve_plan(plan)
         self.inductor_options: dict = {}
         self.graphs: list[GraphReport] = []
-        self.capture = False   # calibrate(): sites become the dense capture op; reports stay private
+        self.capture = False   # calibrate(): sites become the dense capture op; see capturing()
+        self._hook = None
         self.__name__ = "sparge"
+        _LIVE.add(self)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode=None,
                  **kwargs):
         opts = dict(options or {}, **kwargs)
         config, inner, plan, ind = _apply_options(self.config, self.inner, self.plan, self.inductor_options,
                                                   opts)
-        name = _graph_name()
-        code, owner = _current_frame()
-        gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture)
-        gr.code, gr.owner = code, (weakref.ref(owner) if owner is not None else None)
+        name, code = _graph_name(), _current_code()
+        params, owner = _parameters(gm, example_inputs)
+        gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture, owner=owner)
+        gr.code, gr.params, gr.serial = code, params, next(_SERIAL)
+        gr.inner = inner if isinstance(inner, str) else getattr(inner, "__name__", "custom")
         record = bool(opts.get("record_masks", self.record_masks))
         for s in gr.sites:
             if s.state is not None:
-                s.state.record = record
-        gr.inner = inner if isinstance(inner, str) else getattr(
-            inner, "__name__", "custom")
+                s.state.record, s.state.hook = record, self._hook
         with _LOCK:
             self.graphs.append(gr)
-            if not self.capture:
-                _GRAPHS.append(gr)
         if gr.sites:
             log_graph_report(gr)
         else:
@@ -178,8 +187,15 @@ class SpargeBackend:
     def __getstate__(self):
         """Pickle the settings, not what the backend collected (reports hold code objects)."""
         state = dict(self.__dict__)
-        state["graphs"] = []
+        state["graphs"], state["_hook"] = [], None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _LIVE.add(self)
+
+    def _states(self):
+        return [s.state for g in self.graphs for s in g.sites if s.state is not None]
 
     def set_config(self, **changes) -> None:
         """Change topk / topp / mode of every site this backend rewrote, at run time, no recompile.
@@ -191,18 +207,38 @@ class SpargeBackend:
             raise ValueError(f"sparge: {bad} cannot change at run time (only {list(RUNTIME_FIELDS)}); "
                              "compile again with a new config")
         self.config = self.config.replace(**changes)
-        for gr in self.graphs:
-            for s in gr.sites:
-                st = s.state
-                if st is not None:
-                    st.config = st.config.replace(**changes)
+        for st in self._states():
+            st.config = st.config.replace(**changes)
+
+    @contextlib.contextmanager
+    def capturing(self, fn):
+        """Within: this backend's capture sites call ``fn(site_key, q, k, v, scale, is_causal)``,
+        which returns the attention output (or None for plain dense attention)."""
+        prev, self._hook = self._hook, fn
+        for st in self._states():
+            st.hook = fn
+        try:
+            yield self
+        finally:
+            self._hook = prev
+            for st in self._states():
+                st.hook = prev
 
     def report(self) -> Report:
         return Report(self.graphs)
 
+    def forget_masks(self) -> None:
+        """Drop the last masks and call counts the sites recorded (the report's measured part)."""
+        for st in self._states():
+            st.forget()
+
     def reset(self):
-        """Called by torch._dynamo.reset(): forget this backend's reports."""
+        """Forget this backend's reports and site states (``torch._dynamo.reset()`` calls it, and
+        drops the compiled code with them); code compiled before and still run raises."""
         self.graphs.clear()
+
+
+_DEFAULT = SpargeBackend()   # the backend behind backend="sparge"
 
 
 def backend(config: SpargeConfig | None = None, inner="inductor", plan=None,
@@ -214,17 +250,17 @@ def backend(config: SpargeConfig | None = None, inner="inductor", plan=None,
 def sparge_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode=None,
                    **kwargs):
     """The ``backend="sparge"`` entry point: ``options`` are SpargeConfig fields plus ``inner``,
-    ``plan`` and ``inductor`` (Inductor config patches); unknown keys raise ValueError."""
-    return SpargeBackend()(gm, example_inputs, options=options, mode=mode, **kwargs)
+    ``plan``, ``inductor`` (Inductor config patches) and ``record_masks``; unknown keys raise."""
+    return _DEFAULT(gm, example_inputs, options=options, mode=mode, **kwargs)
+
+
+sparge_backend.reset = _DEFAULT.reset   # torch._dynamo.reset() calls it
 
 
 def _codes_of(obj) -> set:
     codes = set()
-    orig = getattr(obj, "_orig_mod", None)
-    if orig is not None:
-        obj = orig
     fn = getattr(obj, "_torchdynamo_orig_callable", None)
-    if fn is not None:
+    if fn is not None and not isinstance(obj, torch.nn.Module):
         obj = fn
     if isinstance(obj, torch.nn.Module):
         for m in obj.modules():
@@ -239,29 +275,49 @@ def _codes_of(obj) -> set:
     return codes
 
 
+def _by_code(graphs, obj) -> list:
+    """Graphs whose compiled code is ``obj``'s (or a resume function in the same file)."""
+    codes = _codes_of(obj)
+    files = {c.co_filename for c in codes}
+    return [g for g in graphs if g.code is not None and (
+        g.code in codes or (g.code.co_name.startswith("torch_dynamo_resume_in_") and g.code.co_filename in files))]
+
+
+def _runs(g: GraphReport, ids: set, ptrs: set) -> bool:
+    """The graph was compiled from these parameters, or a model holding them ran it."""
+    return (any(id(r()) in ids for r in g.params if r() is not None)
+            or any(st.tags & ptrs for st in (s.state for s in g.sites) if st is not None))
+
+
+def _of_module(graphs, root: torch.nn.Module) -> list:
+    params = list(root.parameters())
+    if not params:
+        return _by_code(graphs, root)
+    ids, ptrs = {id(p) for p in params}, {p.data_ptr() for p in params}
+    paramless = {id(g) for g in _by_code([g for g in graphs if not g.params], root)}
+    return [g for g in graphs if _runs(g, ids, ptrs) or id(g) in paramless]
+
+
 def explain(obj=None, *args, **kwargs) -> Report:
     """The report of every attention site the sparge backend found.
 
-    obj: a model or function returned by ``torch.compile(..., backend="sparge")`` (its graphs),
-    a :class:`SpargeBackend` (the graphs it compiled), or None (every graph compiled so far).
+    obj: a model or function returned by ``torch.compile(..., backend="sparge")`` (the graphs it
+    runs: those compiled from its parameters or run with them, and parameter-free graphs of its
+    code), a :class:`SpargeBackend` (the graphs it compiled), or None (every live backend's).
     args/kwargs: if given, ``obj(*args, **kwargs)`` is run first (compiling it), so the report
     also has the measured sparsity. ``str(report)`` is a table; ``report.sites`` the entries.
     """
     if args or kwargs:
         obj(*args, **kwargs)
-    if obj is None:
-        return Report(list(_GRAPHS))
     if isinstance(obj, SpargeBackend):
         return obj.report()
-    codes = _codes_of(obj)
-    files = {c.co_filename for c in codes}
+    graphs = sorted((g for be in list(_LIVE) if not be.capture for g in be.graphs), key=lambda g: g.serial)
+    if obj is None:
+        return Report(graphs)
     root = getattr(obj, "_orig_mod", obj)
-    mods = {id(m) for m in root.modules()} if isinstance(root, torch.nn.Module) else None
-    graphs = [g for g in _GRAPHS if g.code is not None and (
-        g.code in codes or (g.code.co_name.startswith("torch_dynamo_resume_in_")
-                            and g.code.co_filename in files))
-        and (mods is None or g.owner is None or (g.owner() is not None and id(g.owner()) in mods))]
-    return Report(graphs)
+    if isinstance(root, torch.nn.Module):
+        return Report(_of_module(graphs, root))
+    return Report(_by_code(graphs, obj))
 
 
 __all__ = ["SpargeBackend", "backend", "explain", "sparge_backend"]
