@@ -77,7 +77,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """Block-sparse attention with the hybrid Top-k + Top-p mask, a drop-in for SDPA.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq % Hkv == 0; fp16, bf16 or fp32;
-    D in {32, 64, 96, 128, 256}. Returns (B, Hq, Nq, D) in q's dtype: exactly attention with
+    D a multiple of 8 up to 256. Returns (B, Hq, Nq, D) in q's dtype: exactly attention with
     every score outside the kept blocks at -inf. Differentiable in q, k, v (the mask is not).
     block_mask: use this mask instead of predicting one. return_mask: also return the mask.
     """

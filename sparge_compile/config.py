@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .validate import HEAD_DIMS, _is_pow2, check_flag, check_int, is_int, is_real
+from .validate import HEAD_DIMS_SUPPORTED, _is_pow2, check_flag, check_int, head_dim_ok, is_int, is_real
 
-__all__ = ["GRID_TOPK", "GRID_TOPP", "HEAD_DIMS", "MODES", "CalibrateConfig", "DistillConfig", "SpargeConfig",
-           "settings_from_arguments"]   # HEAD_DIMS: re-exported from validate (the head dims the kernels support)
+__all__ = ["GRID_TOPK", "GRID_TOPP", "HEAD_DIMS_SUPPORTED", "MODES", "CalibrateConfig", "DistillConfig",
+           "SpargeConfig", "head_dim_ok", "settings_from_arguments"]   # head dims: from validate
 
 MODES = ("hybrid", "topk", "topp")
 

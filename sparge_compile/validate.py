@@ -10,7 +10,13 @@ import warnings
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (32, 64, 96, 128, 256)   # the head dims the kernels support
+HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
+HEAD_DIMS_SUPPORTED = f"a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}"
+
+
+def head_dim_ok(d) -> bool:
+    """A head dim the kernels take: a multiple of 8 in [8, 256] (the kernels pad it to a power of two)."""
+    return isinstance(d, int) and 0 < d <= MAX_HEAD_DIM and d % HEAD_DIM_MULTIPLE == 0
 
 
 def _is_pow2(n: int) -> bool:
@@ -70,8 +76,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, s
             raise ValueError(f"v shape {tuple(v.shape)} must match k shape {tuple(k.shape)} in (B, H, N)")
         if v.shape[-1] != D:
             raise ValueError(f"v head dim {v.shape[-1]} must equal q/k head dim {D}")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head dim {D} (last axis of q) is not supported; supported: {HEAD_DIMS}")
+    if not head_dim_ok(D):
+        raise ValueError(f"head dim {D} (last axis of q) is not supported; it must be {HEAD_DIMS_SUPPORTED}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"sequence lengths must be positive, got Nq={q.shape[2]}, Nk={k.shape[2]}")
     if scale is None:

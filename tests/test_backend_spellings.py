@@ -162,6 +162,8 @@ CASES = [  # name, model, inputs, sites
     ("sdpa_scale", sdpa_scale, {}, 1),
     ("sdpa_gqa", sdpa_gqa, dict(h=4, hkv=2), 1),
     ("sdpa_cross_attention", sdpa, dict(nk=96), 1),
+    ("sdpa_head_dim_72", sdpa, dict(d=72), 1),  # padded in the kernels to a 128-wide tile
+    ("sdpa_head_dim_40", sdpa, dict(d=40), 1),
     ("at_transpose_mul", at_transpose_mul, {}, 1),
     ("matmul_mT_div_sqrt", matmul_mT_div_sqrt, {}, 1),
     ("pow_scale_method_softmax_posdim", pow_scale_method_softmax_posdim, {}, 1),
@@ -246,8 +248,8 @@ def not_attention_matmul_chain(q, k, v):  # softmax(x W1) W2: a softmax between 
     return torch.softmax(q @ w1, dim=-1) @ w2 + (q @ k.transpose(-2, -1)) @ v
 
 
-def head_dim_48(q, k, v):
-    return F.scaled_dot_product_attention(q[..., :48], k[..., :48], v[..., :48])
+def head_dim_44(q, k, v):  # not a multiple of 8
+    return F.scaled_dot_product_attention(q[..., :44], k[..., :44], v[..., :44])
 
 
 NEGATIVES = [  # name, fn, inputs, reason fragment (None: no site reported at all)
@@ -259,7 +261,7 @@ NEGATIVES = [  # name, fn, inputs, reason fragment (None: no site reported at al
     ("hand_causal_masked_fill", hand_causal_masked_fill, {}, "before the softmax"),
     ("sdpa_attn_mask", sdpa_attn_mask, {}, "attn_mask"),
     ("not_attention_matmul_chain", not_attention_matmul_chain, {}, None),
-    ("head_dim_48", head_dim_48, dict(d=64), "head dim 48"),
+    ("head_dim_44", head_dim_44, dict(d=64), "head dim 44"),
 ]
 
 

@@ -183,13 +183,58 @@ def test_bisection_top_k_equals_pairwise_ranking_with_ties(seed, nq, nk, levels,
     assert torch.equal(pair[0], bis[0]) and torch.equal(pair[1], bis[1])
 
 
-@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("D", [8, 32, 40, 64, 72, 96, 128, 160, 256])
 def test_head_dims(D):
     q, k, v = make_qkv(D, 1, 2, 1, 40, 50, D, torch.float32)
     cfg = sc.SpargeConfig(topk=0.3, topp=0.3, block_q=16, block_k=16, min_seq_len=0)
     out, m = sc.sparse_attention(q, k, v, config=cfg, return_mask=True)
     ref, _ = reference_out_and_grads(q, k, v, m.to_dense(), cfg, False)
     assert rel_err(out, ref) < 1e-5
+
+
+# head dims that are no power of two run in the next power of two's tile, masked past D
+PADDED = [(40, torch.float32, True, (16, 32)), (72, torch.float32, False, (32, 16)),
+          (40, torch.float16, False, (16, 16)), (72, torch.float16, True, (16, 16))]
+
+
+@pytest.mark.parametrize("D,dtype,causal,blocks", PADDED)
+def test_padded_head_dim_mask_forward_backward(D, dtype, causal, blocks):
+    """Mask prediction, forward and backward at a padded head dim (GQA, partial blocks) against
+    the float64 reference: the padding columns never reach a score, an output or a gradient."""
+    q, k, v = make_qkv(D + causal, 1, 4, 2, 45, 70, D, dtype, requires_grad=True)
+    cfg = sc.SpargeConfig(topk=0.3, topp=0.4, block_q=blocks[0], block_k=blocks[1], min_seq_len=0)
+    out, m = sc.sparse_attention(q, k, v, is_causal=causal, config=cfg, return_mask=True)
+    ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), cfg, causal)
+    assert ok and 0.0 < m.sparsity() < 1.0
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), cfg, causal, dout)
+    assert out.shape == q.shape and rel_err(out, ref) < TOL[dtype]
+    errs = grad_errors(grads, ref_grads, gradient_magnitudes(q, k, v, m.to_dense(), cfg, causal, dout),
+                       floor=1e-2)
+    assert max(errs.values()) < 2 * TOL[dtype], errs
+
+
+@pytest.mark.parametrize("D", [40, 72])
+def test_pooling_pads_head_dim_with_zeros(D):
+    """Block means over the real columns, zeros in the tile's padding (so the block scores are
+    those of the unpadded q, k)."""
+    q, k, _ = make_qkv(D, 1, 2, 1, 37, 50, D, torch.float32)
+    qb, kb = mask_kernel.pool_qk_triton(q, k, 16, 32)
+    tile = 1 << (D - 1).bit_length()
+    assert qb.shape == (1, 2, 3, tile) and kb.shape == (1, 1, 2, tile)
+    assert not qb[..., D:].any() and not kb[..., D:].any()
+    assert torch.allclose(qb[..., :D], R.pool_blocks(q.double(), 16).float(), atol=1e-6)
+    assert torch.allclose(kb[..., :D], R.pool_blocks(k.double(), 32).float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [4, 20, 44, 264, 512])
+def test_unsupported_head_dim_raises_naming_it(D):
+    q, k, v = make_qkv(0, 1, 1, 1, 20, 20, D, torch.float32)
+    with pytest.raises(ValueError, match=f"head dim {D} .*multiple of 8 up to 256"):
+        sc.sparse_attention(q, k, v)
+    with pytest.raises(ValueError, match=f"head dim {D} "):
+        sc.predict_block_mask(q, k)
 
 
 def test_sink_row_keeps_more_than_topp_alone():
@@ -219,8 +264,14 @@ def test_transposed_index_kernel(seed, nq, nk, garbage_tail):
     assert torch.equal(q_num, ref_num) and torch.equal(q_idx, ref_idx)
 
 
+# a padded head dim: the descriptors load the 64-wide tile, columns past D = 40 read as zeros
+TMA_PADDED = dict(seed=3, B=1, Hkv=1, Hq=2, Nq=50, Nk=37, D=40, dtype=torch.float32, causal=False,
+                  cfg=sc.SpargeConfig(topk=0.5, topp=0.5, block_q=16, block_k=16, min_seq_len=0))
+
+
 @settings(max_examples=2)  # backward in the interpreter: ~10-30 s per example
 @given(problems(max_n=64, head_dims=(32,), dtypes=(torch.float32,)))
+@example(TMA_PADDED)
 def test_tma_path_matches_reference(monkeypatch_tma, pb):
     """The kernels' TMA path (tensor descriptors for K/V in the forward and dQ, Q/dO in dK/dV; on
     by default on Hopper GPUs), forced on in the interpreter: rows past the end read as zeros,

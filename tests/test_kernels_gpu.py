@@ -58,17 +58,30 @@ def test_gpu_matches_float64_reference(pb):
     assert max(errs.values()) < 2 * tol, errs
 
 
-@pytest.mark.parametrize("D,dtype,blocks", [(32, torch.float16, (64, 32)), (96, torch.bfloat16, (128, 64)),
-                                            (256, torch.bfloat16, (64, 64)), (64, torch.float32, (128, 64))])
-def test_gpu_other_head_dims_dtypes_blocks(D, dtype, blocks):
-    pb = dict(seed=D, B=2, Hq=4, Hkv=2, Nq=555, Nk=613, D=D, dtype=dtype, causal=D == 96,
+@pytest.mark.parametrize("D,dtype,blocks,causal,tma", [
+    (32, torch.float16, (64, 32), False, True), (96, torch.bfloat16, (128, 64), True, True),
+    (256, torch.bfloat16, (64, 64), False, True), (64, torch.float32, (128, 64), False, True),
+    # padded head dims (a power-of-two tile masked past D), through TMA and through pointer loads
+    (40, torch.float16, (64, 64), True, True), (40, torch.bfloat16, (128, 64), False, False),
+    (72, torch.bfloat16, (128, 64), False, True), (72, torch.float16, (64, 32), True, False),
+    (80, torch.bfloat16, (128, 64), True, True), (80, torch.float32, (64, 64), False, True),
+    (160, torch.bfloat16, (64, 64), True, True), (160, torch.float16, (128, 64), False, False),
+    # wide tile rows (fp32 at a 128 tile, bf16 at 256): fewer pipelining stages where they would not fit
+    (72, torch.float32, (64, 64), False, False), (160, torch.bfloat16, (64, 64), False, False)])
+def test_gpu_other_head_dims_dtypes_blocks(monkeypatch, D, dtype, blocks, causal, tma):
+    from sparge_compile.kernels import forward
+
+    monkeypatch.setattr(forward, "USE_TMA_DEFAULT", tma)
+    pb = dict(seed=D, B=2, Hq=4, Hkv=2, Nq=555, Nk=613, D=D, dtype=dtype, causal=causal,
               cfg=sc.SpargeConfig(topk=0.1, topp=0.3, block_q=blocks[0], block_k=blocks[1], min_seq_len=0))
     test_gpu_matches_float64_reference.hypothesis.inner_test(pb)
 
 
-@pytest.mark.parametrize("N", [8192, 32768])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+LARGE = ([(n, d, c) for n in (8192, 32768) for d in (64, 128) for c in (False, True)]
+         + [(32768, 72, False), (8192, 72, True), (8192, 80, False), (8192, 160, True)])  # padded dims
+
+
+@pytest.mark.parametrize("N,D,causal", LARGE)
 def test_gpu_large_bf16(N, D, causal):
     """bf16 at long sequence lengths against a float32 reference on the GPU (chunked)."""
     H = 2

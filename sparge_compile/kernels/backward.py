@@ -18,7 +18,7 @@ import triton.language as tl
 from ..reference import cdiv
 from . import forward as fwd_mod
 from . import tuning
-from .forward import LOG2E, dot_precision
+from .forward import _LOG2E, LOG2E, dot_precision
 from .torch_impl import transpose_indices
 from .transpose import transpose_indices_triton
 
@@ -56,7 +56,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md, other=0.0)
     # DO and DQ are contiguous (B, Hq, Nq, D)
     do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
-    lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E
     # delta = rowsum(dO ∘ O) of these rows, stored for the dK/dV kernel (launched after this one)
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -99,7 +99,7 @@ def _dkdv_slice(Q, DO, Lse, Delta, k, v, dk, dv, b, h, bh, row0, offs_m0, offs_n
         md = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md, other=0.0)
         do = tl.load(DO + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], mask=md, other=0.0)
-    lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
     st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (BLOCK_N, SUB_M)
     valid = n_ok[:, None] & m_ok[None, :]
@@ -158,16 +158,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
 _dq_autotuned = tuning.autotuned(_bwd_dq_kernel, tuning.DQ_CONFIGS)
 _dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_M"])
 
-# Fixed launch settings where nothing is autotuned (None = the H100 default below) and the
-# dK/dV query slice; H100 tuning (bench/NOTES.md): dQ 8 warps, 3 stages (2 at D > 128: shared
-# memory), a program per query block; dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads
-# where the GPU has them (None = forward.USE_TMA_DEFAULT).
+# Tuning knobs (the kernel-tuning benchmark overrides them): fixed launch settings where nothing
+# is autotuned (None = the H100 default below) and the dK/dV query slice. Measured on the H100:
+# dQ 8 warps, 3 stages (2 at a head-dim tile > 128; fewer where the buffers would not fit the
+# shared memory, see tuning.fit_stages), a program per query block;
+# dK/dV 64-row query slices, 4 warps, 2 stages; TMA loads where the GPU has them
+# (None = forward.USE_TMA_DEFAULT).
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dkdv_stages=None, use_tma=None)
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
                          **overrides):
-    """overrides: of BWD_DEFAULTS (benchmarks only)."""
+    """overrides: of BWD_DEFAULTS (tuning knobs)."""
     bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
         raise TypeError(f"unknown tuning options {sorted(bad)}")
@@ -176,7 +178,7 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     dout = dout.contiguous()
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = tuning.head_dim_tile(D)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     # the transposed index: two Triton launches on the GPU; torch ops in the interpreter (faster there)
     q_num, q_idx = (transpose_indices_triton if q.is_cuda else transpose_indices)(kv_num, kv_idx, nk)
@@ -190,15 +192,20 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     qk_scale = float(scale) * LOG2E
     sub_m = min(block_q, cfg["sub_m"])
     use_tma = fwd_mod.USE_TMA_DEFAULT if cfg["use_tma"] is None else cfg["use_tma"]
-    use_tma = (bool(use_tma) and D <= 128 and v.shape[-1] == D  # measured up to D = 128
+    use_tma = (bool(use_tma) and BLOCK_D <= 128 and v.shape[-1] == D  # measured up to D = 128
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
-    tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q,
-                  (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
-                   *strides, *dims), dict(common, USE_TMA=use_tma), cfg["dq_warps"], cfg["dq_stages"],
-                  fixed=(8, 3 if D <= 128 else 2))
+    dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
+               *strides, *dims)
+    row = BLOCK_D * q.element_size()  # bytes of one tile row
+    # dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage
+    dq_stages = tuning.fit_stages(3 if BLOCK_D <= 128 else 2, 2 * block_q * row, 2 * block_k * row, q)
+    dkdv_stages = tuning.fit_stages(2, 2 * block_k * row, 2 * sub_m * row, q)
+    tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q, dq_args, dict(common, USE_TMA=use_tma),
+                  cfg["dq_warps"], cfg["dq_stages"], fixed=(8, dq_stages))
     tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk, B * Hkv), q,
                   (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale, float(scale), *strides, *dims),
-                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"])
+                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"],
+                  fixed=(4, dkdv_stages))
     return dq, dk, dv

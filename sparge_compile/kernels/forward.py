@@ -1,9 +1,11 @@
 """Triton sparse attention forward: FlashAttention-style online softmax over kept key blocks.
 
-One program per (query block of the mask, batch x query head). It walks the row's index list (kv_indices[:kv_num_blocks]); dropped key
-blocks are never loaded. Scores are scaled by scale·log2(e) and exponentiated with exp2; the accumulators are fp32;
-the row's log-sum-exp (natural log) is saved for the backward pass. Causal masking (SDPA's,
-top-left) is applied element-wise inside the tiles.
+One program per (query block of the mask, batch x query head). It walks the row's index list
+(kv_indices[:kv_num_blocks]); dropped key blocks are never loaded. Scores are scaled by
+scale·log2(e) and exponentiated with exp2; the accumulators are fp32; the row's log-sum-exp
+(natural log) is saved for the backward pass. Causal masking (SDPA's, top-left) is applied
+element-wise inside the tiles. The head dim runs in a power-of-two tile (:func:`.tuning.head_dim_tile`):
+a padded one (EVEN_D false) is masked past D on every load and store.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import triton.language as tl
 from ..reference import cdiv
 from . import tuning
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # log2(e): scores are exponentiated with exp2
+_LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
 # K/V through TMA tensor descriptors where the GPU has them (Hopper+); SPARGE_TMA=0 turns it off
 USE_TMA_DEFAULT = os.environ.get("SPARGE_TMA", "1") == "1"
 
@@ -102,7 +105,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
                                     qk_scale, Nk, skn, skd, svn, svd, PREC, EVEN, IS_CAUSAL)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
     m_ok = offs_m < Nq
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -114,11 +117,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def fwd_defaults(D: int, tma: bool = False) -> dict:
-    """Fixed launch settings (no autotune: the interpreter, SPARGE_AUTOTUNE=0). H100 tuning
-    (bench/NOTES.md, 2026-11-23): warps and pipelining stages by head dim and by how K/V are
-    loaded (TMA needs fewer stages in flight at D=128)."""
-    if D <= 64:
+def fwd_defaults(block_d: int, tma: bool = False) -> dict:
+    """Fixed launch settings (no autotune: the interpreter, SPARGE_AUTOTUNE=0), measured on the
+    H100: warps and pipelining stages by the head-dim tile (:func:`tuning.head_dim_tile`, so a
+    padded D = 72 runs as D = 128) and by how K/V are loaded (TMA needs fewer stages in flight
+    at D = 128)."""
+    if block_d <= 64:
         return dict(num_warps=8, num_stages=3)
     return dict(num_warps=4, num_stages=2 if tma else 3)
 
@@ -137,36 +141,39 @@ def _tma_device(index: int) -> bool:
 
 
 def tma_ok(x: torch.Tensor, D: int) -> bool:
-    """Hopper+ TMA loads of (1, 1, BLOCK_N, D) boxes: CUDA, 16-byte aligned base and strides,
-    unit last stride, a power-of-2 head dim of at least 16 bytes, and a Triton that has them."""
+    """Hopper+ TMA loads of (1, 1, BLOCK_N, tile) boxes: CUDA, 16-byte aligned base and strides,
+    unit last stride, a head dim of at least 16 bytes, and a Triton that has them. A padded head
+    dim loads the box of its power-of-two tile: the columns past D read as zeros."""
     if not (x.is_cuda and _tma_device(x.device.index)):
         return False
     es = x.element_size()
-    return (x.stride(-1) == 1 and D == triton.next_power_of_2(D) and D * es >= 16
+    return (x.stride(-1) == 1 and D * es >= 16
             and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
 
 
 def descriptor(x: torch.Tensor, block_n: int):
-    """A TMA descriptor of x (B, H, N, D) loading (1, 1, block_n, D) boxes, zero past N."""
+    """A TMA descriptor of x (B, H, N, D) loading (1, 1, block_n, tile) boxes (tile: the head dim
+    padded to a power of two), zero past N and past D."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
+    box = [1, 1, block_n, tuning.head_dim_tile(x.shape[-1])]
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), box)
 
 
 _fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D"])
 
 
-def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, *,
                          num_warps=None, num_stages=None, use_tma=None):
-    """num_warps, num_stages: fixed launch settings (default: autotuned on CUDA, see
-    :mod:`.tuning`). use_tma: K/V through TMA tensor descriptors (default: where
-    :func:`tma_ok` allows)."""
+    """Tuning knobs (the kernel-tuning benchmark sets them): num_warps, num_stages: fixed launch
+    settings (default: autotuned on CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor
+    descriptors (default: where :func:`tma_ok` allows)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = tuning.head_dim_tile(D)
     if use_tma is None:
         use_tma = USE_TMA_DEFAULT
     use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
@@ -176,9 +183,11 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
                 USE_TMA=use_tma)
-    fixed = fwd_defaults(D, use_tma)
+    fixed = fwd_defaults(BLOCK_D, use_tma)
+    row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
+    stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)
     tuning.launch(_fwd_kernel, _fwd_autotuned, (nq, B * Hq), q, args, meta, num_warps, num_stages,
-                  fixed=(fixed["num_warps"], fixed["num_stages"]))
+                  fixed=(fixed["num_warps"], stages))
     return out, lse
 
 

@@ -15,19 +15,19 @@ import triton
 import triton.language as tl
 
 from ..reference import cdiv
+from .tuning import head_dim_tile
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
 _FORCE_BISECTION = False
-# GPU selection (H100, bench/tune_kernels.py): one warp per program (the bisection's row sums
-# stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512), rows of up to
-# SELECT_ELEMS block scores per program (one row of 512 scores: 0.0104 vs 0.0116 ms for two, top-k,
-# H200, 2026-12-01, docs/results/2026-12-01-h200/s7/exp4.json); longer rows get a warp per 1024
-# scores (nk = 1182 at 75600 tokens: one warp holds 255 registers, 2 warps 167: 0.150 vs 0.183
-# ms, 2026-11-24, docs/results/.../s6/exp3.json)
+# GPU selection, measured on the H100 and H200: one warp per program (the bisection's row sums
+# stay inside a warp: 0.030 ms vs 0.054 with 8 rows on 4 warps at nk=512, H100), rows of up to
+# SELECT_ELEMS block scores per program (one row of 512 scores: 0.0104 vs 0.0116 ms for two,
+# top-k, H200); longer rows get a warp per 1024 scores (nk = 1182 at 75600 tokens: one warp
+# holds 255 registers, 2 warps 167: 0.150 vs 0.183 ms, H100)
 SELECT_ELEMS, SELECT_WARP_ELEMS = 512, 1024
 # Pooling: one warp per program at up to 128x128 tiles (a q block: 128 rows of D = 128), more for
 # bigger tiles: 1/2/4 warps at 32768x128 0.0495/0.0511/0.0592 ms (pure-read floor 0.0453), at
-# 75600x64 0.058/0.058/0.084 (H200, 2026-12-01, s7/exp4.json; on the H100 1-4 warps tied)
+# 75600x64 0.058/0.058/0.084 (H200; on the H100 1-4 warps tied)
 POOL_TILE_PER_WARP = 128 * 128
 
 
@@ -78,6 +78,18 @@ def _score_kernel(QB, KB, S, scale, Hq, G, nq, nk,
 
 
 @triton.jit
+def _keep_count(c_k, c_p, MODE: tl.constexpr):
+    """Blocks a row keeps: max(c_k, c_p) (hybrid, MODE 0), c_k (topk, 1) or c_p (topp, 2); at least 1."""
+    if MODE == 0:
+        c = tl.maximum(c_k, c_p)
+    elif MODE == 1:
+        c = c_k
+    else:
+        c = c_p
+    return tl.maximum(c, 1)
+
+
+@triton.jit
 def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -116,13 +128,7 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         rank = tl.sum(beats.to(tl.int32), 2)
         before = tl.sum(tl.where(beats, tl.maximum(pl, 0.0), 0.0), 2)  # mass ranked before j
         c_p = tl.minimum(tl.sum((vis & (before < topp)).to(tl.int32), 1), n_vis)
-        if MODE == 0:
-            c = tl.maximum(c_k, c_p)
-        elif MODE == 1:
-            c = c_k
-        else:
-            c = c_p
-        c = tl.maximum(c, 1)
+        c = _keep_count(c_k, c_p, MODE)
         keep = vis & (rank < c[:, None])
     else:
         # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
@@ -132,6 +138,7 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
         # thousand patterns wide on flat rows instead of 2^30): the cuts lie inside it.
         pmin = tl.where(n_vis > 0, tl.min(tl.where(vis, pbits, 0x7F800000), 1), 0)
         pmax = tl.maximum(tl.max(pbits, 1), pmin)
+        c_p = c_k  # unused in topk mode
         if MODE != 1:
             # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
             lo = pmin
@@ -155,13 +162,7 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
             total = tl.sum(tl.where(vis, p, 0.0), 1)
             c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
             c_p = tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
-        if MODE == 0:
-            c = tl.maximum(c_k, c_p)
-        elif MODE == 1:
-            c = c_k
-        else:
-            c = c_p
-        c = tl.maximum(c, 1)
+        c = _keep_count(c_k, c_p, MODE)
         # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c. A cut mid with
         # exactly c blocks at or above it keeps the same blocks as T (no tie straddles it): the
         # search stops there.
@@ -199,12 +200,12 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
 
 
 def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int):
-    """Block means of q and of k, (B, H, nb, BLOCK_D) fp32 with the head dim zero-padded to a
-    power of two, in one launch."""
+    """Block means of q and of k, (B, H, nb, BLOCK_D) fp32 with the head dim zero-padded to its
+    tile (:func:`.tuning.head_dim_tile`), in one launch."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = head_dim_tile(D)
     qb = torch.empty((B, Hq, nq, BLOCK_D), dtype=torch.float32, device=q.device)
     kb = torch.empty((B, Hk, nk, BLOCK_D), dtype=torch.float32, device=q.device)
     _pool_qk_kernel[(nq + nk, B * max(Hq, Hk))](
@@ -218,8 +219,7 @@ def _pool_warps(tile: int) -> int:
     return min(8, triton.next_power_of_2(max(1, tile // POOL_TILE_PER_WARP)))
 
 
-def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k,
-                        block_m=None, num_warps=None):
+def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
     """Three launches: pool q and k, block scores, selection. Returns (kv_num, kv_idx)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -231,13 +231,13 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
     _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
         qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1],
         PREC="tf32x3" if q.is_cuda else "ieee", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
-    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m, num_warps)
+    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k)
 
 
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
                   num_warps=None):
-    """Hybrid selection on (B, H, nq, nk) block scores: (kv_num, kv_idx). block_m query blocks
-    per program and num_warps: GPU tuning (bench/tune_kernels.py)."""
+    """Hybrid selection on (B, H, nq, nk) block scores: (kv_num, kv_idx). Tuning knobs (the
+    kernel-tuning benchmark sets them): block_m query blocks per program, num_warps."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not scores.is_cuda

@@ -11,10 +11,11 @@ fixed default where that timed within ``TIE`` of it; later calls launch the pick
 Smaller launches use the fixed defaults and record no pick: they are short or launch-bound
 (their timings do not rank the configs), and a pick timed on one would be kept for the large
 shapes (a 4-head, 4096-token first call picked 8 warps, 3 stages for the
-forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, 2026-11-24 H100).
-``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (H100
-tuning, bench/NOTES.md; they are in each set), as do the interpreter and explicit settings
-passed by the benchmarks.
+forward: 0.88 ms at 32768 tokens vs 0.68 with the 4-warp default, H100).
+``SPARGE_AUTOTUNE=0`` (or ``tuning.AUTOTUNE = False``) uses the fixed defaults instead (measured
+on the H100; they are in each set), as do the interpreter and explicit settings passed by the
+kernel-tuning benchmark. A padded head dim (D = 72 runs in a 128-wide tile) is keyed and given
+defaults by its tile: the tile, not D, sets registers and shared memory.
 """
 from __future__ import annotations
 
@@ -34,6 +35,32 @@ DKDV_CONFIGS = ((4, 2), (4, 3), (8, 2))
 KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "IS_CAUSAL", "USE_TMA"]
 MIN_TUNE_PER_SM = 16  # tune only on grids of at least this many programs per SM
 TIE = 0.05  # the fixed default stays unless a config times this much faster
+
+
+def head_dim_tile(D: int) -> int:
+    """The head-dim tile of every kernel: D rounded up to a power of two, at least 16 (tl.dot's
+    smallest K). Columns past D are loaded as zeros and never stored; at a power-of-two D the
+    kernels take their unmasked path (the tile is D)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(index: int) -> int:
+    """Bytes of shared memory a program may use on CUDA device ``index`` (Triton's own limit)."""
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def fit_stages(stages: int, fixed_bytes: int, stage_bytes: int, x: torch.Tensor) -> int:
+    """The most pipelining stages, at most ``stages`` and at least 1, whose buffers fit the shared
+    memory of x's GPU: ``fixed_bytes`` held for the whole program plus ``stage_bytes`` a stage.
+    At bf16 and D <= 128 the H100 defaults fit as they are; wide rows (an fp32 tile of 128, a
+    bf16 tile of 256, so also D = 160) get fewer stages instead of failing to launch."""
+    if not x.is_cuda:
+        return stages
+    limit = _shared_memory(x.device.index) - 1024  # a little for Triton's own scratch
+    while stages > 1 and fixed_bytes + stages * stage_bytes > limit:
+        stages -= 1
+    return stages
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,4 +122,4 @@ def best_configs() -> dict:
     return out
 
 
-__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs"]
+__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs", "fit_stages", "head_dim_tile"]

@@ -20,7 +20,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from ..config import HEAD_DIMS
+from ..validate import HEAD_DIMS_SUPPORTED, head_dim_ok
 from .canonical import example_value
 from .graph import canon, single_user
 from .mask_proof import CAUSAL, additive_mask, prove_mask
@@ -162,8 +162,8 @@ def _check_qkv(site: AttentionMatch, gqa: bool = False) -> AttentionMatch:
         return site.dense(f"q batch/head dims {_fmt(qs[:-2])} differ from k's {_fmt(ks[:-2])} (broadcast)")
     d = qs[-1]
     d = int(d)  # a symbolic head dim is specialised here (a guard); sequence lengths never are
-    if d not in HEAD_DIMS:
-        return site.dense(f"head dim {d} unsupported (supported: {HEAD_DIMS})")
+    if not head_dim_ok(d):
+        return site.dense(f"head dim {d} unsupported (it must be {HEAD_DIMS_SUPPORTED})")
     site.rewrite, site.reason = True, "rewritten"
     return site
 
@@ -353,8 +353,8 @@ def _match_mha(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     if evq.dtype not in DTYPES or evk.dtype != evq.dtype:
         return site.dense(f"dtype {evq.dtype}")
     e = int(evq.shape[-1])
-    if e % num_heads or e // num_heads not in HEAD_DIMS:
-        return site.dense(f"head dim {e / num_heads:g} unsupported (supported: {HEAD_DIMS})")
+    if e % num_heads or not head_dim_ok(e // num_heads):
+        return site.dense(f"head dim {e / num_heads:g} unsupported (it must be {HEAD_DIMS_SUPPORTED})")
     if not isinstance(E, int) or E != e:
         return site.dense("embed_dim mismatch")
     site.rewrite = True
