@@ -5,16 +5,16 @@
     model = torch.compile(model, backend="sparge")
 """
 from .attention import predict_block_mask, sparse_attention
-from .compiler import backend, explain
 from .block_mask import SpargeBlockMask
 from .calibration import CalibrationError, calibrate
+from .compiler import backend, explain
 from .config import CalibrateConfig, DistillConfig, SpargeConfig
 from .distillation import DistillError, DistillResult, NonFiniteLossError, distill
 from .flow import euler_sample, flow_matching_inputs, logit_normal_timesteps
 from .plan import PlanMismatchError, SpargePlan
 
 __all__ = ["CalibrateConfig", "CalibrationError", "DistillConfig", "DistillError", "DistillResult",
-           "NonFiniteLossError", "PlanMismatchError", "SpargeBlockMask", "SpargeConfig", "SpargePlan", "backend",
-           "calibrate", "distill", "euler_sample", "explain", "flow_matching_inputs", "logit_normal_timesteps",
-           "predict_block_mask", "sparse_attention"]
+           "NonFiniteLossError", "PlanMismatchError", "SpargeBlockMask", "SpargeConfig", "SpargePlan",
+           "backend", "calibrate", "distill", "euler_sample", "explain", "flow_matching_inputs",
+           "logit_normal_timesteps", "predict_block_mask", "sparse_attention"]
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-CALL_CONVENTION = "called as model(*batch) for a tuple/list, model(**batch) for a dict, model(batch) otherwise"
+CALL_CONVENTION = ("called as model(*batch) for a tuple/list, model(**batch) for a dict, "
+                   "model(batch) otherwise")
 
 
 def module_device(m: nn.Module) -> torch.device | None:

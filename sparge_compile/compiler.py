@@ -280,7 +280,8 @@ def _by_code(graphs, obj) -> list:
     codes = _codes_of(obj)
     files = {c.co_filename for c in codes}
     return [g for g in graphs if g.code is not None and (
-        g.code in codes or (g.code.co_name.startswith("torch_dynamo_resume_in_") and g.code.co_filename in files))]
+        g.code in codes or (g.code.co_name.startswith("torch_dynamo_resume_in_")
+                            and g.code.co_filename in files))]
 
 
 def _runs(g: GraphReport, ids: set, ptrs: set) -> bool:

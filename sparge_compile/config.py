@@ -25,7 +25,8 @@ class _Replace:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise TypeError(f"unknown {type(self).__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+            raise TypeError(f"unknown {type(self).__name__} field(s) {unknown}; "
+                            f"valid fields: {sorted(names)}")
         return dataclasses.replace(self, **changes)
 
 
@@ -63,7 +64,7 @@ class SpargeConfig(_Replace):
                 raise TypeError(f"SpargeConfig.{name} must be an int, got {type(val).__name__}")
             if not (_is_pow2(val) and 16 <= val <= 256):
                 raise ValueError(f"SpargeConfig.{name} must be a power of two in [16, 256], got {val}")
-        if isinstance(self.min_seq_len, bool) or not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+        if not is_int(self.min_seq_len) or self.min_seq_len < 0:
             raise ValueError(f"SpargeConfig.min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
 
 
@@ -159,8 +160,9 @@ class DistillConfig(_Replace):
             check_flag(own + name, getattr(self, name))
         if self.seed is not None and not is_int(self.seed):
             raise _type_error(own + "seed", "an int (or None)", self.seed)
-        if self.backend_inner is not None and not (isinstance(self.backend_inner, str) or callable(self.backend_inner)):
-            raise _type_error(own + "backend_inner", "a backend name, a backend callable or None", self.backend_inner)
+        inner = self.backend_inner
+        if inner is not None and not (isinstance(inner, str) or callable(inner)):
+            raise _type_error(own + "backend_inner", "a backend name, a backend callable or None", inner)
         if self.on_interrupt not in ("raise", "return"):
             raise ValueError(f"{own}on_interrupt must be 'raise' or 'return', got {self.on_interrupt!r}")
 

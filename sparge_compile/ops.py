@@ -68,7 +68,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_num_blocks, kv_indices = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, *ctx.args)
+    dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, kv_num_blocks, kv_indices,
+                                                    *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None
 
 

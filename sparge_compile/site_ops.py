@@ -86,8 +86,8 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
                     site: str, owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
     st = _state(site)
     cfg = st.config
-    kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp, cfg.mode,
-                                         block_q, block_k)
+    kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp,
+                                                          cfg.mode, block_q, block_k)
     # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
     # eager warm-up runs included, may hold no untracked references
     st.kv_num_blocks, st.kv_indices = (kv_num_blocks, kv_indices) if st.record else (None, None)
@@ -171,9 +171,9 @@ def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool
     owner: a parameter of the model the graph belongs to (tells ``explain`` which model ran it).
     """
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
-    kv_num_blocks, kv_indices = site_block_mask(q.detach(), k.detach(), scale, bool(is_causal), block_q, block_k, site,
-                               _owner(owner))
-    out, _ = ops.block_sparse_attention_op(q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k)
+    causal = bool(is_causal)
+    mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner))
+    out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k)
     return out.squeeze(0) if squeeze else out
 
 

@@ -89,7 +89,8 @@ class TinyAttention(nn.Module):
 def run_same_masks(model, masks, *args):
     with SameMasks(masks) as mode:
         out = model(*args)
-    assert mode.used == len(mode.masks), f"eager model made {mode.used} attention calls, compiled had {len(masks)}"
+    assert mode.used == len(mode.masks), \
+        f"eager model made {mode.used} attention calls, compiled had {len(masks)}"
     return out
 
 

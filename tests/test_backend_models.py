@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _backend_util import allow_broken_torchvision, compile_sparge, masks_of, rel_err, run_same_masks
 
 

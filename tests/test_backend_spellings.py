@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from _backend_util import CFG, compile_sparge, masks_of, rel_err, run_same_masks
 
 B, H, N, D = 1, 2, 64, 32

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _backend_util import CFG, compile_sparge, masks_of, rel_err, run_same_masks
 from torch._dynamo.utils import counters
 
 import sparge_compile as sc
-from _backend_util import CFG, compile_sparge, masks_of, rel_err, run_same_masks
 
 
 class Block(nn.Module):

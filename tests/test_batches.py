@@ -21,7 +21,8 @@ def test_to_device_keeps_every_container_type():
     moved = B.to_device(batch, META)
     assert type(moved) is list and len(moved) == len(batch)
     assert type(moved[0]) is Pair and moved[0].x.device == META and moved[0].t[1] == 1.5
-    assert type(moved[1]) is collections.OrderedDict and list(moved[1]) == ["a", "b"] and moved[1]["b"] == "keep"
+    assert type(moved[1]) is collections.OrderedDict
+    assert list(moved[1]) == ["a", "b"] and moved[1]["b"] == "keep"
     assert type(moved[2]) is collections.defaultdict and moved[2].default_factory is list
     assert moved[2]["x"].device == META and dd["x"].device.type == "cpu"     # the input is left alone
     assert moved[3][0].device == META and moved[4:] == ["s", None]

@@ -132,7 +132,8 @@ def test_interrupted_write_never_corrupts(tmp_path, torch_path, monkeypatch):
         sc.distill(make_model(), batch, steps=4, checkpoint_every=1, checkpoint_dir=ckdir, **FAST)
     assert path.read_bytes() == good
     assert D.load_checkpoint(path)["step"] == 2
-    assert sorted(os.listdir(ckdir)) == sorted([D.CHECKPOINT_NAME, "distill_prev.pt"])   # no temp file left behind
+    assert sorted(os.listdir(ckdir)) == sorted([D.CHECKPOINT_NAME,
+                                                "distill_prev.pt"])   # no temp file left behind
 
     # a process killed mid-write leaves a stale temp file: it is never read, and cleaned up
     monkeypatch.setattr(torch, "save", real_save)

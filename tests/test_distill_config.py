@@ -54,7 +54,8 @@ def test_signature_defaults_are_the_config_defaults(cls, call, arg):
 
 @pytest.mark.parametrize("kw, exc, field", [
     ({"steps": -1}, ValueError, "steps"), ({"steps": 2.0}, TypeError, "steps"),
-    ({"lr": "x"}, TypeError, "lr"), ({"lr": float("nan")}, ValueError, "lr"), ({"loss": "l2"}, ValueError, "loss"),
+    ({"lr": "x"}, TypeError, "lr"), ({"lr": float("nan")}, ValueError, "lr"), ({"loss": "l2"},
+                                                                               ValueError, "loss"),
     ({"grad_accum": 0}, ValueError, "grad_accum"), ({"log_every": True}, TypeError, "log_every"),
     ({"amp_dtype": "bf16"}, TypeError, "amp_dtype"), ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
     ({"checkpoint_dir": 3}, TypeError, "checkpoint_dir"), ({"resume": "no"}, TypeError, "resume"),
@@ -88,7 +89,8 @@ def test_setting_in_two_places_or_nowhere_is_an_error():
     with pytest.raises(TypeError, match="distill_config must be a DistillConfig"):
         sc.distill(make_model(), batch, distill_config={"steps": 2})
     with pytest.raises(TypeError, match="max_rounds=2 given both"):
-        sc.calibrate(make_model(), [batch(0)], max_rounds=2, calibrate_config=sc.CalibrateConfig(max_error=0.1))
+        sc.calibrate(make_model(), [batch(0)], max_rounds=2,
+                     calibrate_config=sc.CalibrateConfig(max_error=0.1))
 
 
 def test_config_replace_validates():
@@ -115,7 +117,8 @@ def test_calibrate_config_gives_the_same_plan_as_keywords():
     with torch.no_grad():
         by_kw = sc.calibrate(make_model(), data, config=CFG, **kw)
         by_cfg = sc.calibrate(make_model(), data, config=CFG, calibrate_config=sc.CalibrateConfig(**kw))
-    assert {s: p.to_dict() for s, p in by_cfg.sites.items()} == {s: p.to_dict() for s, p in by_kw.sites.items()}
+    assert {s: p.to_dict() for s, p in by_cfg.sites.items()} == {s: p.to_dict() for s,
+                                                                 p in by_kw.sites.items()}
     assert by_kw.summary["calibrated"] == 1 and by_kw.summary["grid"] == [3, 1]   # mode "topk": no top-p axis
 
 
@@ -136,6 +139,7 @@ def test_distill_amp_and_resume_on_cuda(tmp_path, amp):
     cfg = CFG.replace(block_q=64, block_k=64)
     kw = {"lr": 1e-3, "amp_dtype": amp, "max_grad_norm": 1.0, "progress": False}
     part = sc.distill(model(), data, steps=2, config=cfg, checkpoint_dir=tmp_path, **kw)
-    res = sc.distill(model(), data, config=cfg, distill_config=sc.DistillConfig(steps=4, checkpoint_dir=tmp_path, **kw))
+    dc = sc.DistillConfig(steps=4, checkpoint_dir=tmp_path, **kw)
+    res = sc.distill(model(), data, config=cfg, distill_config=dc)
     assert res.step == 4 and res.losses[:2] == part.losses
     assert all(torch.isfinite(torch.tensor(res.losses))) and res.losses[-1] < 0.9 * res.losses[0], res.losses

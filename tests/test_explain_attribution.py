@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _backend_util import TinyAttention, allow_broken_torchvision
 from torch.overrides import TorchFunctionMode
 
 import sparge_compile as sc
 from sparge_compile import site_ops
-
-from _backend_util import TinyAttention, allow_broken_torchvision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTS = dict(topk=0.25, topp=0.0, block_q=16, block_k=16, min_seq_len=0, inner="aot_eager")

@@ -4,19 +4,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from kernel_checks import (
+    TOL,
+    grad_errors,
+    gradient_magnitudes,
+    make_qkv,
+    mask_mismatch_is_tie,
+    reference_out_and_grads,
+    rel_err,
+)
 
 import sparge_compile as sc
 from sparge_compile import reference as R
 from sparge_compile.kernels import mask as mask_kernel
-
-from kernel_checks import (TOL, grad_errors, gradient_magnitudes, make_qkv, mask_mismatch_is_tie,
-                           reference_out_and_grads, rel_err)
 
 blocks = st.sampled_from([16, 32])
 

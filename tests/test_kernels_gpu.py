@@ -5,12 +5,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_checks import (
+    TOL,
+    grad_errors,
+    gradient_magnitudes,
+    make_qkv,
+    mask_mismatch_is_tie,
+    reference_out_and_grads,
+    rel_err,
+)
 
 import sparge_compile as sc
 from sparge_compile.kernels import torch_impl, tuning
-
-from kernel_checks import (TOL, grad_errors, gradient_magnitudes, make_qkv, mask_mismatch_is_tie,
-                           reference_out_and_grads, rel_err)
 
 pytestmark = pytest.mark.gpu
 
@@ -128,7 +134,8 @@ def test_gpu_autotuned_launches_match_fixed(monkeypatch):
         for autotune in (False, True):
             tuning.AUTOTUNE = autotune
             if autotune:  # small first call: launch-bound, must not decide the settings
-                q, k, v = make_qkv(6, 1, 8, 8, 1000, 1000, 128, torch.bfloat16, device="cuda", requires_grad=True)
+                q, k, v = make_qkv(6, 1, 8, 8, 1000, 1000, 128, torch.bfloat16, device="cuda",
+                                   requires_grad=True)
                 sc.sparse_attention(q, k, v, config=cfg).sum().backward()
                 assert tuning.best_configs() == {}
             q, k, v = make_qkv(7, 1, 8, 8, big, big, 128, torch.bfloat16, device="cuda", requires_grad=True)

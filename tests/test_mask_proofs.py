@@ -4,10 +4,9 @@ the same block masks at sparse settings; attention calls counted independently o
 import pytest
 import torch
 import torch.nn.functional as F
+from _backend_util import allow_broken_torchvision, masks_of, rel_err, run_same_masks
 
 import sparge_compile as sc
-
-from _backend_util import allow_broken_torchvision, masks_of, rel_err, run_same_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DENSE = sc.SpargeConfig(topk=1.0, topp=0.0, block_q=16, block_k=16, min_seq_len=0)
@@ -124,7 +123,8 @@ def _hf(name, impl):
         cfg = tr.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=2, n_positions=256)
         model_cls = tr.GPT2Model
     else:
-        cfg_cls, model_cls = {"llama": (tr.LlamaConfig, tr.LlamaModel), "qwen2": (tr.Qwen2Config, tr.Qwen2Model),
+        cfg_cls, model_cls = {"llama": (tr.LlamaConfig, tr.LlamaModel), "qwen2": (tr.Qwen2Config,
+                                                                                  tr.Qwen2Model),
                               "mistral": (tr.MistralConfig, tr.MistralModel)}[name]
         cfg = cfg_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
@@ -136,8 +136,8 @@ def _hf(name, impl):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2"])
 def test_hf_decoder_causal_sites_rewritten(name, impl):
-    """Decoders (Llama/Qwen2/Mistral with GQA, GPT2): transformers builds the causal mask in the graph; every site is rewritten and
-    the output at dense settings equals eager."""
+    """Decoders (Llama/Qwen2/Mistral with GQA, GPT2): transformers builds the causal mask in the
+    graph; every site is rewritten and the output at dense settings equals eager."""
     model = _hf(name, impl)
     ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()

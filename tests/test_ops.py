@@ -3,11 +3,10 @@ Input errors are rows of tests/test_bad_inputs.py."""
 from __future__ import annotations
 
 import torch
+from kernel_checks import make_qkv
 
 import sparge_compile as sc
 from sparge_compile import ops
-
-from kernel_checks import make_qkv
 
 CFG = sc.SpargeConfig(topk=0.3, topp=0.3, block_q=16, block_k=16, min_seq_len=0)
 
@@ -36,7 +35,8 @@ def test_fake_backward_strides_match_real():
     q, k, v = _noncontig(requires_grad=True)
     num, idx = ops.predict_block_mask_op(q.detach(), k.detach(), 0.2, False, 0.3, 0.3, "hybrid", 16, 16)
     out, lse = ops.block_sparse_attention_op(q, k, v, num, idx, 0.2, False, 16, 16)
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, num, idx, 0.2, False, 16, 16)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, num, idx, 0.2,
+            False, 16, 16)
     real = ops.block_sparse_attention_backward_op(*args)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -5,11 +5,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from _backend_util import TinyAttention
 
 import sparge_compile as sc
 from sparge_compile.block_mask import SpargeBlockMask
-
-from _backend_util import TinyAttention
 
 CFG = sc.SpargeConfig(topk=0.25, topp=0.0, block_q=16, block_k=16, min_seq_len=0)
 
@@ -34,7 +33,8 @@ def test_block_mask_changed_in_place_is_checked_again():
 
 def test_valid_block_mask_gives_the_predicted_result():
     q, k, v = _qkv()
-    m = SpargeBlockMask(*[t.clone() for t in (_mask(q, k).kv_num_blocks, _mask(q, k).kv_indices)], 64, 64, 16, 16)
+    m = SpargeBlockMask(*[t.clone() for t in (_mask(q, k).kv_num_blocks, _mask(q, k).kv_indices)], 64,
+                        64, 16, 16)
     torch.testing.assert_close(sc.sparse_attention(q, k, v, config=CFG, block_mask=m),
                                sc.sparse_attention(q, k, v, config=CFG))
 

@@ -30,7 +30,8 @@ class FakeTuner(FakeKernel):
 
     def __getitem__(self, grid):
         def run(*args, **kw):
-            fast, default = triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4, num_stages=2)
+            fast, default = triton.Config({}, num_warps=8, num_stages=3), triton.Config({}, num_warps=4,
+                                                                                        num_stages=2)
             self.configs_timings = {fast: [1.0, 0.9, 1.1], default: [self.default_ms, 0.0, 9.0]}
             self.best_config = fast
             self.launches.append((grid, args, kw))
@@ -82,7 +83,8 @@ def test_small_grids_use_the_fixed_settings_and_leave_the_key_untuned(fresh):
     assert tuner.launches == [] and tuning.best_configs() == {}
     assert kernel.launches[0][2] == dict(meta, num_warps=4, num_stages=2)
     tuning.launch(kernel, tuner, (2, BIG[0] // 2), tensor(), (), meta, fixed=(4, 2))
-    assert len(tuner.launches) == 1 and tuning.best_configs() == {"_fake_kernel": {"BLOCK_D=64, bf16": "w8 s3"}}
+    assert len(tuner.launches) == 1
+    assert tuning.best_configs() == {"_fake_kernel": {"BLOCK_D=64, bf16": "w8 s3"}}
     tuning.launch(kernel, tuner, (1, 1), tensor(), (), meta, fixed=(4, 2))  # small, after the pick
     assert kernel.launches[-1][2] == dict(meta, num_warps=8, num_stages=3)
 
@@ -90,7 +92,8 @@ def test_small_grids_use_the_fixed_settings_and_leave_the_key_untuned(fresh):
 @pytest.mark.parametrize("case", ["explicit", "cpu", "off"])
 def test_fixed_settings_without_autotune(fresh, monkeypatch, case):
     kernel, tuner = fresh
-    warps, stages, x = (8, None, tensor()) if case == "explicit" else (None, None, tensor(is_cuda=case != "cpu"))
+    warps, stages, x = (8, None, tensor()) if case == "explicit" else (None, None,
+                                                                       tensor(is_cuda=case != "cpu"))
     if case == "off":
         monkeypatch.setattr(tuning, "AUTOTUNE", False)
     tuning.launch(kernel, tuner, (1,), x, (), dict(BLOCK_D=64), warps, stages, fixed=(4, 2))

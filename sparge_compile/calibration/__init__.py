@@ -38,5 +38,5 @@ from .api import CalibrationError, calibrate
 from .search import allocate, frontier
 from .statistics import site_tables
 
-__all__ = ["GRID_TOPK", "GRID_TOPP", "CalibrateConfig", "CalibrationError", "allocate", "calibrate", "frontier",
-           "site_tables"]
+__all__ = ["GRID_TOPK", "GRID_TOPP", "CalibrateConfig", "CalibrationError", "allocate", "calibrate",
+           "frontier", "site_tables"]

@@ -28,7 +28,8 @@ def capture_backend(model: nn.Module, config: SpargeConfig, inner) -> SpargeBack
     """The capture backend of ``model`` for these rewrite settings. One per model and settings:
     calibrating the same model again (another target, more batches) finds Dynamo's compiled
     capture graphs in its cache."""
-    settings = (config.block_q, config.block_k, config.min_seq_len, inner if isinstance(inner, str) else id(inner))
+    settings = (config.block_q, config.block_k, config.min_seq_len,
+                inner if isinstance(inner, str) else id(inner))
     be = _BACKENDS.setdefault(model, {}).get(settings)
     if be is None:
         be = SpargeBackend(config=config, inner=inner)

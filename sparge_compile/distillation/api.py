@@ -27,7 +27,8 @@ def distill(model: nn.Module, inputs, *, steps: int | None = None, lr: float = 1
             checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
             resume: bool = True, log_every: int = 10, progress: bool = True,
             callback: Callable[[DistillStep], Any] | None = None, seed: int | None = 0,
-            backend_inner: str | None = None, compile_fn: Callable[[nn.Module, SpargeConfig], Callable] | None = None,
+            backend_inner: str | None = None,
+            compile_fn: Callable[[nn.Module, SpargeConfig], Callable] | None = None,
             teacher: nn.Module | None = None, inplace: bool = True, train_mode: bool = False,
             check_rewrite: bool = True, on_interrupt: str = "raise",
             distill_config: DistillConfig | None = None) -> DistillResult:

@@ -37,7 +37,8 @@ def get_rng() -> dict:
     np = sys.modules.get("numpy")
     if np is not None:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss),
+                          float(gauss))
     return state
 
 
@@ -181,7 +182,8 @@ def open_checkpoint(settings: DistillConfig, module: nn.Module, opt, scaler, con
 def _warn_changed(path: Path, state: dict, config: SpargeConfig, settings: dict) -> None:
     """Warn when the checkpoint was written with another config or other ``settings``."""
     if state.get("config") not in (None, dataclasses.asdict(config)):
-        warn_user(f"resuming from {path} written with config {state['config']}, now {dataclasses.asdict(config)}")
+        warn_user(f"resuming from {path} written with config {state['config']}, "
+                  f"now {dataclasses.asdict(config)}")
     start = int(state["step"])
     for name, now in settings.items():
         if name in state and state[name] != now:
@@ -189,7 +191,8 @@ def _warn_changed(path: Path, state: dict, config: SpargeConfig, settings: dict)
             why = (f"this run skips {start} x {now} micro-batches of `inputs` (the checkpoint used {start} x "
                    f"{old}) and accumulates {now} per step, so it matches an uninterrupted run with neither "
                    "setting" if name == "grad_accum" else
-                   "the checkpoint's RNG state is restored, so the run continues the old seed's random stream; "
+                   "the checkpoint's RNG state is restored, so the run continues the old seed's "
+                   "random stream; "
                    "the new seed reaches only what draws before that (a shuffled DataLoader's order), "
                    "which breaks an exact resume")
             warn_user(f"resuming from {path} written with {name}={old}, now {name}={now}: {why}")

@@ -6,8 +6,8 @@ import re
 import torch
 from torch import fx
 
-from ..config import SpargeConfig
 from .. import site_ops
+from ..config import SpargeConfig
 from ..plan import SpargePlan, plan_choice
 from .canonical import example_value
 from .graph import build_graph

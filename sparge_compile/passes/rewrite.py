@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..config import SpargeConfig
 from .. import site_ops
-from .matcher import Operand, AttentionMatch
+from ..config import SpargeConfig
+from .matcher import AttentionMatch, Operand
 
 
 def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
