@@ -90,6 +90,100 @@ def _keep_count(c_k, c_p, MODE: tl.constexpr):
 
 
 @triton.jit
+def _row_probabilities(s, vis):
+    """Softmax of the visible scores of each row; hidden blocks get p = -1 in ``pv``. Rows with a
+    NaN/inf score (NaN/inf in q or k) cannot be ranked: ``unranked`` (they keep every visible
+    block, reference.nonfinite_rows, on every path alike)."""
+    unranked = tl.sum((vis & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), 1) > 0
+    s = tl.where(vis, s, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(vis, tl.exp(s - m[:, None]), 0.0)
+    p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]
+    return p, tl.where(vis, p, -1.0), unranked
+
+
+@triton.jit
+def _keep_pairwise(pv, vis, c_k, n_vis, topp, MODE: tl.constexpr, NK_P2: tl.constexpr):
+    """Few key blocks: rank every block against every other one (no sort, no search)."""
+    pj = pv[:, :, None]
+    pl = pv[:, None, :]
+    jj = tl.arange(0, NK_P2)[None, :, None]
+    ll = tl.arange(0, NK_P2)[None, None, :]
+    beats = (pl > pj) | ((pl == pj) & (ll < jj))  # block l ranks before block j
+    rank = tl.sum(beats.to(tl.int32), 2)
+    before = tl.sum(tl.where(beats, tl.maximum(pl, 0.0), 0.0), 2)  # mass ranked before j
+    c_p = tl.minimum(tl.sum((vis & (before < topp)).to(tl.int32), 1), n_vis)
+    c = _keep_count(c_k, c_p, MODE)
+    return vis & (rank < c[:, None])
+
+
+@triton.jit
+def _topp_count(p, pbits, vis, n_vis, pmin, pmax, topp):
+    """Top-p count by bisection on the bit pattern: v* = the largest value whose blocks at or
+    above it hold mass >= topp; ties at v* are taken one by one while the mass before is < topp."""
+    lo = pmin
+    hi = pmax
+    while tl.max(hi - lo, 0) > 0:
+        mid = lo + (hi - lo + 1) // 2
+        mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
+        ok = mass >= topp
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    vstar = lo.to(tl.float32, bitcast=True)
+    gt = pbits > lo[:, None]
+    g = tl.sum(tl.where(gt, p, 0.0), 1)  # mass strictly above v*
+    a = tl.sum(gt.to(tl.int32), 1)
+    n_tie = tl.sum((pbits == lo[:, None]).to(tl.int32), 1)
+    need = (topp - g) / tl.maximum(vstar, 1e-30)
+    t_int = need.to(tl.int32)
+    t_int = t_int + (t_int.to(tl.float32) < need).to(tl.int32)
+    t_cnt = tl.where(vstar > 0.0, tl.minimum(t_int, n_tie), n_tie)
+    total = tl.sum(tl.where(vis, p, 0.0), 1)
+    c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
+    return tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
+
+
+@triton.jit
+def _keep_bisect(p, vis, c_k, n_vis, topp, MODE: tl.constexpr):
+    """Many key blocks: probabilities are >= 0, so their int32 bit patterns sort like their
+    values (hidden blocks -1); both cuts are found by bisection over the row's visible range
+    [min, max] of patterns (a few thousand wide on flat rows instead of 2^30), no sort."""
+    pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
+    pmin = tl.where(n_vis > 0, tl.min(tl.where(vis, pbits, 0x7F800000), 1), 0)
+    pmax = tl.maximum(tl.max(pbits, 1), pmin)
+    c_p = c_k  # unused in topk mode
+    if MODE != 1:
+        c_p = _topp_count(p, pbits, vis, n_vis, pmin, pmax, topp)
+    c = _keep_count(c_k, c_p, MODE)
+    # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c. A cut mid with
+    # exactly c blocks at or above it keeps the same blocks as T (no tie straddles it): stop there.
+    lo = pmin
+    hi = pmax
+    while tl.max(hi - lo, 0) > 0:
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
+        ok = cnt >= c
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(cnt == c, mid, tl.where(ok, hi, mid - 1))
+    above = pbits > lo[:, None]
+    n_above = tl.sum(above.to(tl.int32), 1)
+    tie = pbits == lo[:, None]
+    tie_rank = tl.cumsum(tie.to(tl.int32), 1)
+    return (above | (tie & (tie_rank <= (c - n_above)[:, None]))) & vis
+
+
+@triton.jit
+def _causal_diagonal(ri, cj, Nq, Nk, BQ: tl.constexpr, BK: tl.constexpr):
+    """Key blocks the causal diagonal crosses, for query blocks ri (always kept)."""
+    first_row = ri * BQ
+    last_row = tl.minimum(first_row + BQ, Nq) - 1
+    first_key = cj * BK
+    last_key = tl.minimum(first_key + BK, Nk) - 1
+    return (first_key[None, :] <= last_row[:, None]) & (last_key[None, :] >= first_row[:, None])
+
+
+@triton.jit
 def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -100,94 +194,22 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
     cj = tl.arange(0, NK_P2)  # key-block indices
     vis = (cj < nk)[None, :] & (ri < nq)[:, None]
     s = tl.load(S + (bh * nq + ri)[:, None] * nk + cj[None, :], mask=vis, other=0.0)
-
     if IS_CAUSAL:
         last_row = tl.minimum((ri + 1) * BQ, Nq) - 1
         vis = vis & ((cj * BK)[None, :] <= last_row[:, None])
-    # a row with a NaN/inf score (NaN/inf in q or k) cannot be ranked: it keeps every visible
-    # block (reference.nonfinite_rows), on every path alike
-    unranked = tl.sum((vis & ((s != s) | (tl.abs(s) == float("inf")))).to(tl.int32), 1) > 0
-    s = tl.where(vis, s, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.where(vis, tl.exp(s - m[:, None]), 0.0)
-    p = e / tl.maximum(tl.sum(e, 1), 1e-30)[:, None]
-    pv = tl.where(vis, p, -1.0)
-
+    p, pv, unranked = _row_probabilities(s, vis)
     n_vis = tl.sum(vis.to(tl.int32), 1)
     xk = topk * n_vis.to(tl.float32)
     c_k = xk.to(tl.int32)
     c_k = c_k + (c_k.to(tl.float32) < xk).to(tl.int32)  # ceil
     if PAIRWISE:
-        # few key blocks: rank every block against every other one (no sort, no search)
-        pj = pv[:, :, None]
-        pl = pv[:, None, :]
-        jj = tl.arange(0, NK_P2)[None, :, None]
-        ll = tl.arange(0, NK_P2)[None, None, :]
-        beats = (pl > pj) | ((pl == pj) & (ll < jj))  # block l ranks before block j
-        rank = tl.sum(beats.to(tl.int32), 2)
-        before = tl.sum(tl.where(beats, tl.maximum(pl, 0.0), 0.0), 2)  # mass ranked before j
-        c_p = tl.minimum(tl.sum((vis & (before < topp)).to(tl.int32), 1), n_vis)
-        c = _keep_count(c_k, c_p, MODE)
-        keep = vis & (rank < c[:, None])
+        keep = _keep_pairwise(pv, vis, c_k, n_vis, topp, MODE, NK_P2)
     else:
-        # Probabilities are >= 0, so their int32 bit patterns sort like their values; hidden
-        # blocks get -1. Both cuts are found by bisection on the bit pattern (no sort needed).
-        pbits = tl.where(vis, p.to(tl.int32, bitcast=True), -1)
-        # Both searches start from the row's visible range [min, max] of bit patterns (a few
-        # thousand patterns wide on flat rows instead of 2^30): the cuts lie inside it.
-        pmin = tl.where(n_vis > 0, tl.min(tl.where(vis, pbits, 0x7F800000), 1), 0)
-        pmax = tl.maximum(tl.max(pbits, 1), pmin)
-        c_p = c_k  # unused in topk mode
-        if MODE != 1:
-            # Top-p: v* = the largest value whose blocks at or above it hold mass >= topp
-            lo = pmin
-            hi = pmax
-            while tl.max(hi - lo, 0) > 0:
-                mid = lo + (hi - lo + 1) // 2
-                mass = tl.sum(tl.where(pbits >= mid[:, None], p, 0.0), 1)
-                ok = mass >= topp
-                lo = tl.where(ok, mid, lo)
-                hi = tl.where(ok, hi, mid - 1)
-            vstar = lo.to(tl.float32, bitcast=True)
-            gt = pbits > lo[:, None]
-            g = tl.sum(tl.where(gt, p, 0.0), 1)  # mass strictly above v*
-            a = tl.sum(gt.to(tl.int32), 1)
-            n_tie = tl.sum((pbits == lo[:, None]).to(tl.int32), 1)
-            # ties at v* are taken one by one while the mass before them is < topp
-            need = (topp - g) / tl.maximum(vstar, 1e-30)
-            t_int = need.to(tl.int32)
-            t_int = t_int + (t_int.to(tl.float32) < need).to(tl.int32)
-            t_cnt = tl.where(vstar > 0.0, tl.minimum(t_int, n_tie), n_tie)
-            total = tl.sum(tl.where(vis, p, 0.0), 1)
-            c_p = tl.where(total < topp, n_vis, a + tl.maximum(t_cnt, 0))
-            c_p = tl.where(topp <= 0.0, 0, tl.minimum(c_p, n_vis))
-        c = _keep_count(c_k, c_p, MODE)
-        # the c-th largest bit pattern T: the largest T with #{bits >= T} >= c. A cut mid with
-        # exactly c blocks at or above it keeps the same blocks as T (no tie straddles it): the
-        # search stops there.
-        lo = pmin
-        hi = pmax
-        while tl.max(hi - lo, 0) > 0:
-            mid = lo + (hi - lo + 1) // 2
-            cnt = tl.sum((pbits >= mid[:, None]).to(tl.int32), 1)
-            ok = cnt >= c
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(cnt == c, mid, tl.where(ok, hi, mid - 1))
-        above = pbits > lo[:, None]
-        n_above = tl.sum(above.to(tl.int32), 1)
-        tie = pbits == lo[:, None]
-        tie_rank = tl.cumsum(tie.to(tl.int32), 1)
-        keep = (above | (tie & (tie_rank <= (c - n_above)[:, None]))) & vis
+        keep = _keep_bisect(p, vis, c_k, n_vis, topp, MODE)
     if IS_CAUSAL:
-        first_row = ri * BQ
-        last_row2 = tl.minimum(first_row + BQ, Nq) - 1
-        first_key = cj * BK
-        last_key = tl.minimum(first_key + BK, Nk) - 1
-        diag = (first_key[None, :] <= last_row2[:, None]) & (last_key[None, :] >= first_row[:, None])
-        keep = keep | (diag & vis)
+        keep = keep | (_causal_diagonal(ri, cj, Nq, Nk, BQ, BK) & vis)
     keep = keep | (vis & unranked[:, None])
-
+    # kept blocks first (ascending), then the dropped ones (ascending)
     keep_i = keep.to(tl.int32)
     kept_cum = tl.cumsum(keep_i, 1)
     num = tl.sum(keep_i, 1)
