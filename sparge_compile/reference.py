@@ -60,31 +60,50 @@ def diagonal_blocks(nq_tok: int, nk_tok: int, block_q: int, block_k: int, is_cau
     return (first_key[None, :] <= last_row[:, None]) & (last_key[None, :] >= first_row[:, None])
 
 
+def key_blocks_visible(kv_keep: torch.Tensor, block_k: int) -> torch.Tensor:
+    """(B, nk) bool: key block j holds at least one key the padding mask kv_keep (B, Nk) keeps."""
+    B, Nk = kv_keep.shape
+    nk = cdiv(Nk, block_k)
+    pad = nk * block_k - Nk
+    return torch.nn.functional.pad(kv_keep, (0, pad)).reshape(B, nk, block_k).any(-1)
+
+
+def visible(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, is_causal: bool,
+            kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Visible block pairs: (nq, nk), or (B, 1, nq, nk) with a key-padding mask kv_keep (B, Nk)
+    (a key block whose keys are all padding is hidden)."""
+    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    if kv_keep is None:
+        return vis
+    return vis & key_blocks_visible(kv_keep, block_k)[:, None, None, :]
+
+
 def block_logits(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
-                 block_q: int, block_k: int) -> torch.Tensor:
-    """(B, Hq, nq, nk) pooled scores q̄·k̄·scale, -inf where the block is hidden (causal)."""
+                 block_q: int, block_k: int, kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hq, nq, nk) pooled scores q̄·k̄·scale, -inf where the block is hidden (causal, or all
+    of its keys padding). The pooled k̄ is the mean over every key of the block, padding included."""
     Hq, Hkv = q.shape[1], k.shape[1]
     qb = pool_blocks(q, block_q)
     kb = pool_blocks(k, block_k).repeat_interleave(Hq // Hkv, dim=1)
     s = qb @ kb.transpose(-2, -1) * scale
-    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    return s.masked_fill(~vis, float("-inf"))
+    return s.masked_fill(~visible(q, k, block_q, block_k, is_causal, kv_keep), float("-inf"))
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
-                 block_q: int, block_k: int) -> torch.Tensor:
+                 block_q: int, block_k: int, kv_keep: torch.Tensor | None = None) -> torch.Tensor:
     """P̄ (B, Hq, nq, nk): softmax over visible key blocks of pooled q̄·k̄·scale (0 where hidden)."""
-    return torch.softmax(block_logits(q, k, scale, is_causal, block_q, block_k), dim=-1)
+    s = block_logits(q, k, scale, is_causal, block_q, block_k, kv_keep)
+    none = (s == float("-inf")).all(-1, keepdim=True)   # a row with no visible block: all 0
+    return torch.softmax(s.masked_fill(none, 0.0), dim=-1).masked_fill(none, 0.0)
 
 
 def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bool,
-                   block_q: int, block_k: int) -> torch.Tensor:
+                   block_q: int, block_k: int, kv_keep: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hq, nq) bool: query blocks with a NaN or infinite pooled score on a visible key block
     (NaN/inf in q or k). Such a row cannot be ranked: it keeps every visible block, i.e. it is
     computed exactly as dense attention (and gives SDPA's NaNs where SDPA would)."""
-    s = block_logits(q, k, scale, is_causal, block_q, block_k)
-    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    return (~torch.isfinite(s) & vis).any(-1)
+    s = block_logits(q, k, scale, is_causal, block_q, block_k, kv_keep)
+    return (~torch.isfinite(s) & visible(q, k, block_q, block_k, is_causal, kv_keep)).any(-1)
 
 
 def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: float, mode: str):
@@ -114,42 +133,50 @@ def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: flo
 
 def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
                          is_causal: bool = False, topk: float = 0.03, topp: float = 0.2,
-                         mode: str = "hybrid", block_q: int = 128, block_k: int = 64) -> torch.Tensor:
+                         mode: str = "hybrid", block_q: int = 128, block_k: int = 64,
+                         kv_keep: torch.Tensor | None = None) -> torch.Tensor:
     """The hybrid Top-k + Top-p block mask as a dense bool tensor (B, Hq, nq, nk).
 
     Keeps, per query block, the c = max(c_k, c_p, 1) highest-scoring visible key blocks
-    (ties to the lower block index) and, with is_causal, every diagonal block. A query block
-    whose pooled scores are not all finite (NaN/inf in q or k) keeps every visible block.
+    (ties to the lower block index) and, with is_causal, every visible diagonal block. A query
+    block whose pooled scores are not all finite (NaN/inf in q or k) keeps every visible block.
+    kv_keep (B, Nk) bool: a key-padding mask; key blocks of padding alone are never visible
+    (c counts the visible ones; a row with none keeps none).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p = block_scores(q, k, scale, is_causal, block_q, block_k)
-    vis = visible_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    n_visible = vis.sum(-1).expand(p.shape[:-1])
+    p = block_scores(q, k, scale, is_causal, block_q, block_k, kv_keep)
+    vis = visible(q, k, block_q, block_k, is_causal, kv_keep).expand(p.shape)
+    n_visible = vis.sum(-1)
     _, _, c = keep_counts(p.masked_fill(~vis, -1.0), n_visible, topk, topp, mode)
+    c = torch.minimum(c, n_visible)
     # rank of each block in descending order of p, ties to the lower index (stable sort)
     order = torch.sort(p.masked_fill(~vis, -1.0), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(p.shape[-1], device=p.device).expand_as(order))
     keep = (rank < c[..., None]) & vis
-    diag = diagonal_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
-    dense = nonfinite_rows(q, k, scale, is_causal, block_q, block_k)[..., None] & vis
+    diag = diagonal_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device) & vis
+    dense = nonfinite_rows(q, k, scale, is_causal, block_q, block_k, kv_keep)[..., None] & vis
     return keep | diag | dense
 
 
 def dense_token_mask(block_mask: torch.Tensor, nq_tok: int, nk_tok: int, block_q: int,
-                     block_k: int, is_causal: bool) -> torch.Tensor:
-    """Expand a (B, H, nq, nk) block mask to a (B, H, Nq, Nk) token mask (causal applied)."""
+                     block_k: int, is_causal: bool, kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Expand a (B, H, nq, nk) block mask to a (B, H, Nq, Nk) token mask (causal and the
+    key-padding mask kv_keep (B, Nk) applied)."""
     m = block_mask.repeat_interleave(block_q, dim=-2)[..., :nq_tok, :]
     m = m.repeat_interleave(block_k, dim=-1)[..., :nk_tok]
     if is_causal:
         m = m & torch.ones(nq_tok, nk_tok, dtype=torch.bool, device=m.device).tril()
+    if kv_keep is not None:
+        m = m & kv_keep[:, None, None, :]
     return m
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                      scale: float | None = None, is_causal: bool = False, block_q: int = 128,
-                     block_k: int = 64) -> torch.Tensor:
-    """Dense attention with every score outside the kept blocks set to -inf (GQA aware).
+                     block_k: int = 64, kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention with every score outside the kept blocks (and, with kv_keep (B, Nk), on
+    padding keys) set to -inf (GQA aware); a row that sees no key gives 0.
 
     Differentiable (use float64 inputs for a reference).
     """
@@ -157,7 +184,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     G = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(G, dim=1)
     v = v.repeat_interleave(G, dim=1)
-    m = dense_token_mask(block_mask, q.shape[2], k.shape[2], block_q, block_k, is_causal)
+    m = dense_token_mask(block_mask, q.shape[2], k.shape[2], block_q, block_k, is_causal, kv_keep)
     s = (q @ k.transpose(-2, -1)) * scale
     s = s.masked_fill(~m, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    sees = m.any(-1, keepdim=True)   # a row that sees no key gives 0 (SDPA's safe softmax)
+    return torch.softmax(s.masked_fill(~sees, 0.0), dim=-1).masked_fill(~sees, 0.0) @ v

@@ -83,11 +83,12 @@ def _state(key: str) -> SiteState:
 
 @torch.library.custom_op("sparge::site_block_mask", mutates_args=())
 def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q: int, block_k: int,
-                    site: str, owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    site: str, owner: Tensor | None = None,
+                    kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     st = _state(site)
     cfg = st.config
     kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp,
-                                                          cfg.mode, block_q, block_k)
+                                                          cfg.mode, block_q, block_k, kv_keep)
     # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
     # eager warm-up runs included, may hold no untracked references
     st.kv_num_blocks, st.kv_indices = (kv_num_blocks, kv_indices) if st.record else (None, None)
@@ -98,7 +99,7 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
 
 
 @site_block_mask.register_fake
-def _(q, k, scale, is_causal, block_q, block_k, site, owner=None):
+def _(q, k, scale, is_causal, block_q, block_k, site, owner=None, kv_keep=None):
     B, H, Nq, _ = q.shape
     nq, nk = cdiv(Nq, block_q), cdiv(k.shape[2], block_k)
     return (q.new_empty((B, H, nq), dtype=torch.int32), q.new_empty((B, H, nq, nk), dtype=torch.int32))
@@ -162,18 +163,28 @@ def _owner(owner):
     return None if owner is None else owner.detach()
 
 
+def _key_padding(kv_keep, q: Tensor, k: Tensor):
+    """A key-padding mask as the graph has it ((B | 1, 1, ..., 1, Nk), bool) as the op takes it:
+    (B, Nk) bool."""
+    if kv_keep is None:
+        return None
+    keep = kv_keep.reshape(kv_keep.shape[0], kv_keep.shape[-1]).to(torch.bool)
+    return keep.expand(q.shape[0], k.shape[2])
+
+
 def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
-                   block_k: int, site: str, owner: Tensor | None = None) -> Tensor:
+                   block_k: int, site: str, owner: Tensor | None = None, kv_keep=None) -> Tensor:
     """Sparse attention for a site: q (..., Nq, D), k/v (..., Nk, D), rank 3 or 4.
 
     scale_parts: factors whose product is the softmax scale (a symbolic size is allowed: then
     q is pre-scaled and the op runs with scale 1, which is the same function).
     owner: a parameter of the model the graph belongs to (tells ``explain`` which model ran it).
+    kv_keep: the site's key-padding mask ((B | 1, 1, 1, Nk) bool, True: the key is seen), or None.
     """
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
-    causal = bool(is_causal)
-    mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner))
-    out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k)
+    causal, keep = bool(is_causal), _key_padding(kv_keep, q, k)
+    mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner), keep)
+    out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, keep)
     return out.squeeze(0) if squeeze else out
 
 

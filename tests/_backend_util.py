@@ -56,7 +56,11 @@ class SameMasks:
             kw = dict(zip(names, args), **kwargs)
             q, k = kw["query"], kw["key"]
             tm = self._token_mask(q.shape[-2], k.shape[-2])
-            kw["attn_mask"] = tm.reshape(q.shape[:-2] + tm.shape[-2:])
+            tm = tm.reshape(q.shape[:-2] + tm.shape[-2:])
+            own = kw.get("attn_mask")   # the model's own mask (e.g. padding) applies as well
+            if own is not None:
+                tm = tm & own if own.dtype == torch.bool else torch.where(tm, own, float("-inf"))
+            kw["attn_mask"] = tm
             kw["is_causal"] = False
             return orig(**kw)
         return sdpa

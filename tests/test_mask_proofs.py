@@ -151,18 +151,6 @@ def test_hf_decoder_causal_sites_rewritten(name, impl):
     assert rel_err(out, ref) < 1e-5
 
 
-def test_hf_padding_mask_stays_dense_with_the_reason():
-    model = _hf("llama", "sdpa")
-    ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(0))
-    torch._dynamo.reset()
-    be = sc.backend(config=SPARSE, inner="aot_eager")
-    with torch.no_grad():
-        torch.compile(model, backend=be)(ids, attention_mask=torch.ones(1, 128, dtype=torch.long),
-                                         use_cache=False)
-    rep = be.report()
-    assert len(rep.dense) == 2 and all("key-padding" in s.reason for s in rep.dense), str(rep)
-
-
 def _encoder():
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(64, 2, dim_feedforward=64, dropout=0.0, batch_first=True)
@@ -199,3 +187,63 @@ def test_encoder_fast_path_is_reported_and_can_be_turned_off(monkeypatch):
         out = torch.compile(enc, backend=be)(x)
         ref = enc(x)
     assert len(be.report().rewritten) == 2 and rel_err(out, ref) < 1e-5
+
+
+def _padded_ids(n=128):
+    ids = torch.randint(0, 64, (2, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, 77:] = 0   # right padding: whole key blocks of padding and a partly padded one
+    return ids, mask
+
+
+def _check_padded(model, be, ids, mask, **kw):
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(ids, attention_mask=mask, **kw).last_hidden_state
+        ref = model(ids, attention_mask=mask, **kw).last_hidden_state
+    rep = be.report()
+    assert len(rep.rewritten) == 2 and not rep.dense, str(rep)
+    assert all("key-padding" in s.reason for s in rep.rewritten)
+    return out, ref
+
+
+@pytest.mark.parametrize("name,impl", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa")])
+def test_hf_padding_mask_runs_sparse_and_exact(name, impl):
+    """A tokenizer's attention_mask: key blocks of padding are dropped, the rest masked in the kernels."""
+    model = _hf(name, impl)
+    ids, mask = _padded_ids()
+    torch._dynamo.reset()
+    out, ref = _check_padded(model, sc.backend(config=DENSE, inner="aot_eager"), ids, mask, use_cache=False)
+    assert rel_err(out, ref) < 1e-5
+    torch._dynamo.reset()
+    be = sc.backend(config=SPARSE, inner="aot_eager")
+    out, _ = _check_padded(model, be, ids, mask, use_cache=False)
+    with torch.no_grad():
+        same = run_same_masks(lambda i: model(i, attention_mask=mask, use_cache=False).last_hidden_state,
+                              masks_of(be), ids)
+    assert rel_err(out, same) < 1e-5
+
+
+def test_bert_with_a_padding_mask_is_rewritten_and_gradients_match():
+    allow_broken_torchvision()
+    tr = pytest.importorskip("transformers")
+    cfg = tr.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = tr.BertModel(cfg)
+    ids, mask = _padded_ids()
+    torch._dynamo.reset()
+    be = sc.backend(config=DENSE, inner="aot_eager")
+    out = torch.compile(model, backend=be)(ids, attention_mask=mask).last_hidden_state
+    rep = be.report()
+    assert len(rep.rewritten) == 2 and not rep.dense and not any(s.is_causal for s in rep.rewritten), str(rep)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((out * w).sum(), list(model.parameters()), allow_unused=True)
+    ref = model(ids, attention_mask=mask).last_hidden_state
+    ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters()), allow_unused=True)
+    assert rel_err(out, ref) < 1e-5
+    top = max(r.abs().max() for r in ref_grads if r is not None)   # (the key bias's is ~0 analytically)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            assert (g - r).abs().max() <= 1e-4 * max(r.abs().max(), 1e-2 * top)

@@ -25,27 +25,31 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
+def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
+    """kv_keep: None, or a (B, Nk) bool key-padding mask (key blocks of padding alone are dropped)."""
     if use_triton(q):
         from .mask import predict_mask_triton
 
-        return predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
-    return torch_impl.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k)
+        return predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
+    return torch_impl.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
 
 
-def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep=None):
+    """kv_keep: None, or a (B, Nk) bool key-padding mask (hidden keys masked element-wise)."""
     if use_triton(q):
         from .forward import attention_fwd_triton
 
-        return attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k)
-    return torch_impl.attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k)
+        return attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+                                    kv_keep=kv_keep)
+    return torch_impl.attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep)
 
 
-def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+                  kv_keep=None):
     if use_triton(q):
         from .backward import attention_bwd_triton
 
         return attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
-                                    block_q, block_k)
+                                    block_q, block_k, kv_keep=kv_keep)
     return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
-                                    block_q, block_k)
+                                    block_q, block_k, kv_keep)

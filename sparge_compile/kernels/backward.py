@@ -24,13 +24,15 @@ from .transpose import transpose_indices_triton
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk,
-             PREC: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk, keep_base,
+             PREC: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """dQ += dS · K over the key rows offs_k (P recomputed from the saved log-sum-exp)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     valid = (offs_k < Nk)[None, :] & m_ok[:, None]
     if IS_CAUSAL:
         valid = valid & (offs_k[None, :] <= offs_m[:, None])
+    if HAS_KEEP:   # keys the key-padding mask hides
+        valid = valid & (tl.load(keep_base + offs_k, mask=offs_k < Nk, other=0) != 0)[None, :]
     p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -38,11 +40,12 @@ def _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale,
+def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, Keep, qk_scale, scale,
                    sob, soh, son, sod, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hq, G, Nq, Nk, nq, nk, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                   HAS_KEEP: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -65,13 +68,14 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale
     row = bh * nq + i
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
+    keep_base = Keep + b * Nk
     if USE_TMA:  # K, V: (B, Hkv, Nk, D) tensor descriptors, rows past Nk read as zeros
         for t in range(n_kept):
             start = tl.load(lut + t) * BLOCK_N
             k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             dq = _dq_step(q, do, lse2, delta, dq, k, v, start + tl.arange(0, BLOCK_N), offs_m, m_ok,
-                          qk_scale, Nk, PREC, IS_CAUSAL)
+                          qk_scale, Nk, keep_base, PREC, IS_CAUSAL, HAS_KEEP)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
@@ -80,7 +84,8 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, qk_scale, scale
             kd = (offs_k < Nk)[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
             v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
-            dq = _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk, PREC, IS_CAUSAL)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, offs_k, offs_m, m_ok, qk_scale, Nk, keep_base, PREC,
+                          IS_CAUSAL, HAS_KEEP)
     dq = dq * scale
     tl.store(DQ + (bh * Nq + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
 
@@ -114,12 +119,12 @@ def _dkdv_slice(Q, DO, Lse, Delta, k, v, dk, dv, b, h, bh, row0, offs_m0, offs_n
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, Keep, qk_scale, scale,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      Hq, G, Nq, Nk, nq, nk, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr,
-                     USE_TMA: tl.constexpr):
+                     USE_TMA: tl.constexpr, HAS_KEEP: tl.constexpr):
     j = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = Hq // G
@@ -135,6 +140,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    n_vis = n_ok   # key rows with a gradient: not past Nk, not hidden by the key-padding mask
+    if HAS_KEEP:
+        n_vis = n_ok & (tl.load(Keep + b * Nk + offs_n, mask=n_ok, other=0) != 0)
     NSUB: tl.constexpr = BLOCK_M // SUB_M
     for g in range(G):
         h = hk * G + g
@@ -147,7 +155,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, qk_scale, scal
         for it in range(n_q * NSUB):
             row0 = tl.load(QIdx + col * nq + it // NSUB) * BLOCK_M + (it % NSUB) * SUB_M
             dk, dv = _dkdv_slice(Q, DO, Lse, Delta, k, v, dk, dv, b, h, bh, row0, offs_m0, offs_n, offs_d,
-                                 d_ok, n_ok, qk_scale, sqb, sqh, sqn, sqd, Nq, D, SUB_M, BLOCK_D,
+                                 d_ok, n_vis, qk_scale, sqb, sqh, sqn, sqd, Nq, D, SUB_M, BLOCK_D,
                                  IS_CAUSAL, PREC, USE_TMA)
     dk = dk * scale
     # DK and DV are contiguous (B, Hkv, Nk, D)
@@ -168,8 +176,8 @@ BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dk
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         **overrides):
-    """overrides: of BWD_DEFAULTS (tuning knobs)."""
+                         kv_keep=None, **overrides):
+    """kv_keep: None or a (B, Nk) bool key-padding mask; overrides: of BWD_DEFAULTS (tuning knobs)."""
     bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
         raise TypeError(f"unknown tuning options {sorted(bad)}")
@@ -186,7 +194,8 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
     common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
-                  PREC=dot_precision(q.dtype))
+                  PREC=dot_precision(q.dtype), HAS_KEEP=kv_keep is not None)
+    keep = fwd_mod.keep_pointer(kv_keep, kv_num)
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E
@@ -196,8 +205,8 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
-    dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, qk_scale, float(scale), *out.stride(),
-               *strides, *dims)
+    dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, keep, qk_scale, float(scale),
+               *out.stride(), *strides, *dims)
     row = BLOCK_D * q.element_size()  # bytes of one tile row
     # dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage
     dq_stages = tuning.fit_stages(3 if BLOCK_D <= 128 else 2, 2 * block_q * row, 2 * block_k * row, q)
@@ -205,7 +214,8 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q, dq_args, dict(common, USE_TMA=use_tma),
                   cfg["dq_warps"], cfg["dq_stages"], fixed=(8, dq_stages))
     tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk, B * Hkv), q,
-                  (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, qk_scale, float(scale), *strides, *dims),
+                  (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, keep, qk_scale, float(scale), *strides,
+                   *dims),
                   dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"],
                   fixed=(4, dkdv_stages))
     return dq, dk, dv

@@ -26,16 +26,26 @@ USE_TMA_DEFAULT = os.environ.get("SPARGE_TMA", "1") == "1"
 
 
 @triton.jit
-def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, PREC: tl.constexpr,
-                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP: tl.constexpr):
+    """Scores on keys the key-padding mask hides (Keep[b, key] == 0) are -inf."""
+    if HAS_KEEP:
+        keep = tl.load(keep_base + offs_k, mask=k_ok, other=0)
+        s = tl.where(keep[None, :] != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC: tl.constexpr,
+                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows offs_k.
     The scale·log2(e) factor is folded into the exponent (one FMA per score)."""
     if not EVEN_N:
         s = tl.where(k_ok[None, :], s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+    s = key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if IS_CAUSAL:  # a row may see no key in this tile yet
+    if IS_CAUSAL or HAS_KEEP:  # a row may see no key in this tile yet
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
@@ -48,7 +58,8 @@ def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, PREC: tl.
 
 @triton.jit
 def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
-            skn, skd, svn, svd, PREC: tl.constexpr, EVEN: tl.constexpr, IS_CAUSAL: tl.constexpr):
+            skn, skd, svn, svd, keep_base, PREC: tl.constexpr, EVEN: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """One online-softmax step over the key rows offs_k (pointer loads)."""
     k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
@@ -60,16 +71,18 @@ def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_s
         k = tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    return _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, PREC, EVEN, IS_CAUSAL)
+    return _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC, EVEN,
+                         IS_CAUSAL, HAS_KEEP)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+                HAS_KEEP: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -87,6 +100,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     n_kept = tl.load(KvNum + row)
     lut = KvIdx + row * nk
     EVEN: tl.constexpr = EVEN_N and EVEN_D
+    keep_base = Keep + b * Nk   # the key-padding mask's row (B, Nk), read only with HAS_KEEP
     if USE_TMA:  # K and V are (B, Hkv, Nk, D) tensor descriptors; rows past Nk read as zeros
         for t in range(n_kept):
             start = tl.load(lut + t) * BLOCK_N
@@ -95,14 +109,15 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
             v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             m_i, l_i, acc = _softmax_step(s, offs_k < Nk, offs_k, offs_m, m_i, l_i, acc, v, qk_scale,
-                                          PREC, EVEN_N, IS_CAUSAL)
+                                          keep_base, PREC, EVEN_N, IS_CAUSAL, HAS_KEEP)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         for t in range(n_kept):
             offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
-                                    qk_scale, Nk, skn, skd, svn, svd, PREC, EVEN, IS_CAUSAL)
+                                    qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, EVEN, IS_CAUSAL,
+                                    HAS_KEEP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
@@ -110,6 +125,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, qk_scale,
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + bh * Nq + offs_m, lse, mask=m_ok)
+
+
+def keep_pointer(kv_keep, like: torch.Tensor) -> torch.Tensor:
+    """The key-padding mask as the kernels read it: (B, Nk) int8, contiguous (a dummy without one)."""
+    if kv_keep is None:
+        return like
+    return kv_keep.to(torch.int8).contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -164,10 +186,11 @@ _fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "E
 
 
 def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, *,
-                         num_warps=None, num_stages=None, use_tma=None):
-    """Tuning knobs (the kernel-tuning benchmark sets them): num_warps, num_stages: fixed launch
-    settings (default: autotuned on CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor
-    descriptors (default: where :func:`tma_ok` allows)."""
+                         kv_keep=None, num_warps=None, num_stages=None, use_tma=None):
+    """kv_keep: None or a (B, Nk) bool key-padding mask. Tuning knobs (the kernel-tuning
+    benchmark sets them): num_warps, num_stages: fixed launch settings (default: autotuned on
+    CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor descriptors (default: where
+    :func:`tma_ok` allows)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -178,11 +201,12 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
         use_tma = USE_TMA_DEFAULT
     use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
     kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if use_tma else (k, v)
-    args = (q, kk, vv, out, lse, kv_num, kv_idx, float(scale) * LOG2E,
+    keep = keep_pointer(kv_keep, kv_num)
+    args = (q, kk, vv, out, lse, kv_num, kv_idx, keep, float(scale) * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
-                USE_TMA=use_tma)
+                USE_TMA=use_tma, HAS_KEEP=kv_keep is not None)
     fixed = fwd_defaults(BLOCK_D, use_tma)
     row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
     stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)
@@ -191,4 +215,4 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
     return out, lse
 
 
-__all__ = ["attention_fwd_triton", "dot_precision", "fwd_defaults", "LOG2E"]
+__all__ = ["attention_fwd_triton", "dot_precision", "fwd_defaults", "keep_pointer", "key_mask", "LOG2E"]

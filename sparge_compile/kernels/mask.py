@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import cdiv
+from ..reference import cdiv, key_blocks_visible
 from .tuning import head_dim_tile
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
@@ -184,10 +184,10 @@ def _causal_diagonal(ri, cj, Nq, Nk, BQ: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
+def _select_kernel(S, KvNum, KvIdx, KeyVis, topk, topp, Hq, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   MODE: tl.constexpr, PAIRWISE: tl.constexpr):
+                   MODE: tl.constexpr, PAIRWISE: tl.constexpr, HAS_KEEP: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
@@ -197,6 +197,9 @@ def _select_kernel(S, KvNum, KvIdx, topk, topp, Hq, Nq, Nk, nq, nk,
     if IS_CAUSAL:
         last_row = tl.minimum((ri + 1) * BQ, Nq) - 1
         vis = vis & ((cj * BK)[None, :] <= last_row[:, None])
+    if HAS_KEEP:   # key blocks of padding alone (KeyVis (B, nk) == 0) are hidden
+        kv = tl.load(KeyVis + (bh // Hq) * nk + cj, mask=cj < nk, other=0)
+        vis = vis & (kv != 0)[None, :]
     p, pv, unranked = _row_probabilities(s, vis)
     n_vis = tl.sum(vis.to(tl.int32), 1)
     xk = topk * n_vis.to(tl.float32)
@@ -241,8 +244,9 @@ def _pool_warps(tile: int) -> int:
     return min(8, triton.next_power_of_2(max(1, tile // POOL_TILE_PER_WARP)))
 
 
-def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
-    """Three launches: pool q and k, block scores, selection. Returns (kv_num, kv_idx)."""
+def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
+    """Three launches: pool q and k, block scores, selection. Returns (kv_num, kv_idx).
+    kv_keep: None or a (B, Nk) bool key-padding mask (key blocks of padding alone are hidden)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -253,11 +257,12 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
     _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
         qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1],
         PREC="tf32x3" if q.is_cuda else "ieee", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
-    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k)
+    key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
+    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, key_vis=key_vis)
 
 
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
-                  num_warps=None):
+                  num_warps=None, key_vis=None):
     """Hybrid selection on (B, H, nq, nk) block scores: (kv_num, kv_idx). Tuning knobs (the
     kernel-tuning benchmark sets them): block_m query blocks per program, num_warps."""
     B, Hq, nq, nk = scores.shape
@@ -273,8 +278,8 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=scores.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=scores.device)
     _select_kernel[(cdiv(nq, BLOCK_M), B * Hq)](
-        scores, num, idx, float(topk), float(topp), Hq, Nq, Nk, nq, nk,
-        BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2, IS_CAUSAL=bool(is_causal),
-        MODE=MODE_IDS[mode], PAIRWISE=pairwise,
+        scores, num, idx, num if key_vis is None else key_vis.contiguous(), float(topk), float(topp),
+        Hq, Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
+        IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise, HAS_KEEP=key_vis is not None,
         num_warps=num_warps or (4 if pairwise or interp else max(1, NK_P2 // SELECT_WARP_ELEMS)))
     return num, idx

@@ -51,10 +51,10 @@ def transpose_indices(num: torch.Tensor, idx: torch.Tensor, nk: int):
     return dense_to_indices(dense.transpose(-2, -1))
 
 
-def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k):
+def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
     acc = _acc_dtype(q)
     dense = R.reference_block_mask(q.to(acc), k.to(acc), scale, is_causal, topk, topp, mode,
-                                   block_q, block_k)
+                                   block_q, block_k, kv_keep)
     return dense_to_indices(dense)
 
 
@@ -64,8 +64,9 @@ def _chunks(nq_tok: int, block_q: int):
         yield s, min(s + step, nq_tok)
 
 
-def _chunk_scores(q, k, dense, s, e, scale, is_causal, block_q, block_k):
-    """fp32 scores of query rows s:e against all keys, -inf outside the kept blocks."""
+def _chunk_scores(q, k, dense, s, e, scale, is_causal, block_q, block_k, kv_keep=None):
+    """fp32 scores of query rows s:e against all keys, -inf outside the kept blocks (and on
+    the keys the padding mask kv_keep (B, Nk) hides)."""
     nk_tok = k.shape[2]
     m = dense[:, :, s // block_q: R.cdiv(e, block_q)]
     m = m.repeat_interleave(block_q, dim=-2)[:, :, : e - s]
@@ -73,6 +74,8 @@ def _chunk_scores(q, k, dense, s, e, scale, is_causal, block_q, block_k):
     if is_causal:
         rows = torch.arange(s, e, device=q.device)[:, None]
         m = m & (torch.arange(nk_tok, device=q.device)[None, :] <= rows)
+    if kv_keep is not None:
+        m = m & kv_keep[:, None, None, :]
     sc = (q[:, :, s:e] @ k.transpose(-2, -1)) * scale
     return sc.masked_fill(~m, float("-inf"))
 
@@ -86,7 +89,7 @@ def _expand_kv(x, G):
     return x if G == 1 else x.repeat_interleave(G, dim=1)
 
 
-def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep=None):
     acc = _acc_dtype(q)
     G = q.shape[1] // k.shape[1]
     qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), G), _expand_kv(v.to(acc), G)
@@ -94,7 +97,7 @@ def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for s, e in _chunks(q.shape[2], block_q):
-        sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k)
+        sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k, kv_keep)
         l = torch.logsumexp(sc, dim=-1)
         # a row that sees no key (a mask predicted without is_causal, used with it) gives 0 and
         # lse -inf, as in the Triton kernel, not NaN
@@ -103,7 +106,8 @@ def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k):
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k):
+def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+                  kv_keep=None):
     acc = _acc_dtype(q)
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
@@ -115,7 +119,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, blo
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
     for s, e in _chunks(q.shape[2], block_q):
-        sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k)
+        sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k, kv_keep)
         p = torch.exp(sc - _finite(lse[:, :, s:e, None].to(acc)))
         dv += p.transpose(-2, -1) @ do[:, :, s:e]
         dp = do[:, :, s:e] @ vf.transpose(-2, -1)

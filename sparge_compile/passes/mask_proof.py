@@ -14,9 +14,11 @@ example sizes):
 
 A mask is proved causal when its conjunction is exactly one upper band ``j - i <= 0`` (SDPA's
 top-left causal mask) and true terms; proved absent when it is all true terms. Offsets may be
-symbolic sizes (the check installs a guard). Anything else stays unproved, with the reason: a
-sliding window, a bottom-right aligned mask with Nq != Nk, or a term built from data (a padding
-mask from ``attention_mask``).
+symbolic sizes (the check installs a guard). A term read from data of shape (B | 1, 1, 1, Nk)
+is a key-padding mask (transformers' ``attention_mask``): it is passed to the kernels, which
+drop key blocks of padding alone and mask partly padded ones element-wise. Anything else stays
+unproved, with the reason: a sliding window, a bottom-right aligned mask with Nq != Nk, or
+another term built from data.
 """
 from __future__ import annotations
 
@@ -59,6 +61,13 @@ class Const:
     rank: int
 
 
+@dataclass(frozen=True)
+class KeyPadding:
+    """A term read from data whose shape is (B | 1, 1, ..., 1, Nk): a key-padding mask."""
+
+    node: fx.Node
+
+
 TRUE = "true"
 
 
@@ -74,16 +83,24 @@ _AND = (operator.and_, torch.logical_and, torch.bitwise_and)
 _AND_METHODS = ("__and__", "logical_and", "bitwise_and", "__rand__")
 
 
-def prove_mask(mask: fx.Node, nq, nk) -> tuple[str | None, str]:
-    """(CAUSAL | NO_MASK | None, reason) for an SDPA ``attn_mask`` node, q length nq, k length nk."""
+def prove_mask(mask: fx.Node, nq, nk) -> tuple[str | None, str, fx.Node | None]:
+    """(CAUSAL | NO_MASK | None, reason, key-padding node or None) for an SDPA ``attn_mask``
+    node, q length nq, k length nk. The key-padding node is a term of the mask read from data,
+    (B | 1, 1, 1, Nk) bool: the kernels mask those keys element-wise."""
     ev = example_value(mask)
     if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool:
-        return None, "attn_mask is not a boolean mask built in the graph (an additive bias or data)"
+        return None, "attn_mask is not a boolean mask built in the graph (an additive bias or data)", None
     try:
-        terms = _flatten(_value(mask))
-        return _classify(terms, ev.dim(), nq, nk)
+        terms = _flatten(_term(mask))
+        pads = [t.node for t in terms if isinstance(t, KeyPadding)]
+        if len(pads) > 1:
+            raise Unproved("more than one key-padding term")
+        kind, why = _classify([t for t in terms if not isinstance(t, KeyPadding)], ev.dim(), nq, nk)
+        if pads:
+            why += " and a key-padding mask"
+        return kind, why, (pads[0] if pads else None)
     except Unproved as e:
-        return None, f"attn_mask not proved causal: {e}"
+        return None, f"attn_mask not proved causal: {e}", None
 
 
 def _classify(terms: list, rank: int, nq, nk) -> tuple[str | None, str]:
@@ -113,6 +130,13 @@ def _always_true(b: Band, nq, nk) -> bool:
     window longer than the sequence). Symbolic lengths: decided by a guard."""
     try:
         return bool(b.d >= nk - 1) if b.upper else bool(b.d <= 1 - nq)
+    except Exception:
+        return False
+
+
+def _known_true(x) -> bool:
+    try:
+        return bool(x)   # a symbolic comparison: guards on it
     except Exception:
         return False
 
@@ -269,6 +293,11 @@ def _compare(n, target, args, kwargs):
     if op is None:
         return None
     a, b = (_value(x) if isinstance(x, fx.Node) else x for x in args[:2])
+    if isinstance(a, Index) and _is_scalar(args[1]):   # position >= c: true everywhere if offset >= c
+        c = _scalar(args[1])
+        if op in ("ge", "gt") and _known_true(a.offset >= c if op == "ge" else a.offset > c):
+            return Const(True, a.rank)
+        raise Unproved(f"a bound on a position ({n.name})")
     if not (isinstance(a, Index) and isinstance(b, Index)):
         raise Unproved(f"a comparison that is not position against position ({n.name})")
     r = max(a.rank, b.rank)
@@ -295,11 +324,11 @@ def _conj(n, target, args, kwargs):
 def _term(x):
     try:
         return _value(x)
-    except Unproved as e:
+    except Unproved:
         ev = example_value(x) if isinstance(x, fx.Node) else None
-        if isinstance(ev, torch.Tensor) and ev.dim() >= 2 and ev.shape[-2] == 1 and ev.shape[-1] != 1 \
-                and all(s == 1 for s in ev.shape[1:-2]):
-            raise Unproved(f"a key-padding term {tuple(ev.shape)} (data; not supported yet)") from e
+        if isinstance(ev, torch.Tensor) and ev.dtype == torch.bool and ev.dim() == 4 \
+                and ev.shape[-2] == 1 and ev.shape[-1] != 1 and ev.shape[1] == 1:
+            return KeyPadding(x)
         raise
 
 
@@ -318,7 +347,7 @@ _RULES = (_arange, _shift, _same_value, _reindex, _diff, _const_ops, _compare, _
 
 def _with_rank(x, r: int):
     """Broadcast to rank r (leading axes added)."""
-    if x == TRUE:
+    if x == TRUE or isinstance(x, KeyPadding):
         return x
     if isinstance(x, tuple):
         return tuple(_with_rank(t, r) for t in x)
@@ -328,7 +357,7 @@ def _with_rank(x, r: int):
 
 
 def _move(x, f, rank: int):
-    if x == TRUE:
+    if x == TRUE or isinstance(x, KeyPadding):
         return x
     if isinstance(x, tuple):
         return tuple(_move(t, f, rank) for t in x)

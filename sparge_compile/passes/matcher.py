@@ -61,6 +61,7 @@ class AttentionMatch:
     dtype: str = ""
     matched: list = field(default_factory=list)   # intermediates removed by the rewrite
     mha_args: dict | None = None
+    key_padding: fx.Node | None = None   # a (B | 1, 1, 1, Nk) bool key-padding mask from the graph
 
     @property
     def name(self) -> str:
@@ -220,10 +221,10 @@ def _walk_forward(g: nx.DiGraph, site: AttentionMatch, sm: fx.Node):
 def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
     c_sm = canon(g, sm)
     mm_s, chain, parts = _walk_back(g, c_sm.x)
-    proof, why = None, ""
+    proof, why, pad = None, "", None
     masked = additive_mask(mm_s) if isinstance(mm_s, fx.Node) else None
     if masked is not None:   # scores + where(cond, 0, -big): a mask, which may be proved causal
-        proof, why = _prove_scores_mask(masked[1], mm_s)
+        proof, why, pad = _prove_scores_mask(masked[1], mm_s)
         if proof is None:
             site = AttentionMatch("matmul-softmax", sm, spelling=f"{_spell(mm_s)} -> softmax")
             return site.dense(f"scores pass through {_spell(mm_s)} before the softmax: {why}")
@@ -260,7 +261,7 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
     site.v = Operand(co.args["b"], co.args["pb"])
     site.out_perm, site.scale_parts = co.args["po"], parts
     site.matched = [mm_o] + post[::-1] + [sm] + chain + [mm_s]
-    site.is_causal = proof == CAUSAL
+    site.is_causal, site.key_padding = proof == CAUSAL, pad
     if example_value(mm_o).dtype != example_value(site.q.node).dtype:
         _check_qkv(site)
         return site.dense(f"output dtype {example_value(mm_o).dtype} differs from q's")
@@ -273,9 +274,9 @@ def _match_softmax(g: nx.DiGraph, sm: fx.Node) -> AttentionMatch | None:
 def _prove_scores_mask(cond: fx.Node, scores: fx.Node):
     ev = example_value(scores)
     if not isinstance(ev, torch.Tensor) or ev.dim() < 2:
-        return None, "mask or bias"
-    proof, why = prove_mask(cond, ev.shape[-2], ev.shape[-1])
-    return proof, why.replace("attn_mask", "the additive mask")
+        return None, "mask or bias", None
+    proof, why, pad = prove_mask(cond, ev.shape[-2], ev.shape[-1])
+    return _padding_fits(proof, why.replace("attn_mask", "the additive mask"), pad, ev)
 
 
 # ---------------------------------------------------------------- F.scaled_dot_product_attention
@@ -286,7 +287,7 @@ def _match_sdpa(g: nx.DiGraph, n: fx.Node) -> AttentionMatch:
     site = _check_qkv(site, gqa=a["enable_gqa"] is True)
     proof = None
     if a["attn_mask"] is not None:
-        proof, why = _prove(a["attn_mask"], site)
+        proof, why, site.key_padding = _prove(a["attn_mask"], site)
         if proof is None:
             return site.dense(why)
     p = a["dropout_p"]
@@ -313,8 +314,18 @@ def _prove(mask: fx.Node, site: AttentionMatch):
     """A mask built in the graph proved causal or all true (see :mod:`.mask_proof`)."""
     evq, evk = example_value(site.q.node), example_value(site.k.node)
     if not (isinstance(evq, torch.Tensor) and isinstance(evk, torch.Tensor)):
-        return None, "attn_mask given (q/k shapes unknown)"
-    return prove_mask(mask, evq.shape[-2], evk.shape[-2])
+        return None, "attn_mask given (q/k shapes unknown)", None
+    return _padding_fits(*prove_mask(mask, evq.shape[-2], evk.shape[-2]), evq)
+
+
+def _padding_fits(proof, why: str, pad, evq):
+    """A key-padding mask the op can take: q of rank 4, the mask's batch 1 or q's."""
+    if pad is None or proof is None:
+        return proof, why, pad
+    b = example_value(pad).shape[0]
+    if evq.dim() != 4 or not (_same(b, 1) or _same(b, evq.shape[0])):
+        return None, f"key-padding mask of batch {b} for q of shape {tuple(evq.shape)}", None
+    return proof, why, pad
 
 
 # ---------------------------------------------------------------- nn.MultiheadAttention

@@ -103,6 +103,8 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
             cfg = plan_choice(plan, info, config)
             if cfg is None:
                 site.dense("kept dense by the plan")
+        if site.rewrite and capture and site.key_padding is not None:
+            site.dense("key-padding mask: calibration does not capture it yet (runs dense)")
         if site.rewrite:
             nk = key_length(site)
             if _short(nk, cfg.min_seq_len):

@@ -44,7 +44,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
             fn = site_ops.site_capture_attention if capture else site_ops.site_attention
             new = graph.call_function(fn, (
                 q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
-                config.block_k, key, owner))
+                config.block_k, key, owner),
+                {"kv_keep": resolve(site.key_padding)} if site.key_padding is not None else None)
             if site.out_perm is not None:
                 new = graph.call_method("permute", (new, *site.out_perm))
     new.meta.update({k: v for k, v in anchor.meta.items() if k in ("stack_trace", "nn_module_stack",

@@ -1,0 +1,59 @@
+"""Key-padding masks in the kernels: key blocks of padding alone are dropped from the mask,
+partly padded blocks are masked element-wise, forward and backward, on the Triton (interpreter)
+and the PyTorch path, against the float64 reference."""
+import pytest
+import torch
+
+from sparge_compile import kernels
+from sparge_compile import reference as R
+from sparge_compile.kernels import torch_impl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BQ = BK = 16
+
+
+def _case(seed, B=2, Hq=4, Hkv=2, N=80, D=32, causal=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, 37:] = False            # right padding: key blocks 3, 4 of padding alone, block 2 partly
+    keep[1, 5:9] = False            # holes inside a block
+    return q, k, v, keep
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_mask_and_attention_match_the_reference(interpret, causal, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q, k, v, keep = _case(0, causal=causal)
+    scale = q.shape[-1] ** -0.5
+    num, idx = kernels.predict_mask(q, k, scale, causal, 0.5, 0.0, "topk", BQ, BK, keep)
+    dense = torch_impl.indices_to_dense(num, idx, R.cdiv(k.shape[2], BK))
+    want_mask = R.reference_block_mask(q.double(), k.double(), scale, causal, 0.5, 0.0, "topk", BQ, BK, keep)
+    assert torch.equal(dense, want_mask)
+    assert not dense[0, :, :, 3:].any()                      # blocks of padding alone: dropped
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = R.masked_attention(qd, kd, vd, dense, scale, causal, BQ, BK, keep)
+    out, lse = kernels.attention_fwd(q, k, v, num, idx, scale, causal, BQ, BK, keep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    dout = torch.randn_like(out)
+    ref.backward(dout.double())
+    grads = kernels.attention_bwd(dout, q, k, v, out, lse, num, idx, scale, causal, BQ, BK, keep)
+    for name, g, t in zip("qkv", grads, (qd, kd, vd)):
+        torch.testing.assert_close(g.double(), t.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert grads[1][0, :, 37:].abs().max() == 0 and grads[2][0, :, 37:].abs().max() == 0   # padding keys
+
+
+def test_padding_that_keeps_every_key_changes_nothing(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, _ = _case(1)
+    keep = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool)
+    scale = q.shape[-1] ** -0.5
+    a = kernels.predict_mask(q, k, scale, False, 0.3, 0.5, "hybrid", BQ, BK, keep)
+    b = kernels.predict_mask(q, k, scale, False, 0.3, 0.5, "hybrid", BQ, BK)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    fa, _ = kernels.attention_fwd(q, k, v, *a, scale, False, BQ, BK, keep)
+    fb, _ = kernels.attention_fwd(q, k, v, *b, scale, False, BQ, BK)
+    assert torch.equal(fa, fb)
