@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("bench.calibrate", "sc.calibrate's per-site plan vs one global (topk, topp)"),
     "distill": ("bench.distill", "distillation recovers quality at ~95% sparsity (small DiT, own data)"),
     "dit": ("bench.dit", 'diffusers\' DiTTransformer2DModel through backend="sparge" vs inductor'),
+    "masks": ("bench.masks", "masked models (Llama causal prefill, BERT with padding) vs inductor"),
     "all": ("bench.suite", "kernels, accuracy and e2e in one run, then report.md and summary.json"),
     "report": ("bench.report", "merge the JSON of several runs (folders) into one report"),
     "tune": ("bench.tools.tune_kernels", "GPU tool: time kernel variants and launch settings against Flex"),

@@ -12,8 +12,10 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -239,3 +241,21 @@ def quick_defaults(args, add_args, quick: dict) -> None:
 def apply_common_args(args) -> None:
     global SHOW_TRACEBACKS
     SHOW_TRACEBACKS = bool(getattr(args, "traceback", False))
+
+
+def allow_broken_torchvision():
+    """timm imports torchvision; a torchvision wheel built for CUDA torch cannot load its C ops
+    next to the CPU torch, and then fails at import in its op registrations. timm only needs
+    torchvision's Python parts: skip those registrations when the ops are missing."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:
+        for name in list(sys.modules):
+            if name == "torchvision" or name.startswith("torchvision."):
+                del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+        import torchvision  # noqa: F401,F811
+    except ImportError:
+        pass

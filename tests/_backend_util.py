@@ -7,14 +7,12 @@ eager model with the same mask applied, written with the model's own code.
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sparge_compile as sc
+from bench.common import allow_broken_torchvision  # noqa: F401  (re-exported for the tests)
 from sparge_compile.reference import dense_token_mask
 
 CFG = sc.SpargeConfig(topk=0.3, topp=0.5, block_q=16, block_k=16, min_seq_len=0)
@@ -110,21 +108,3 @@ def rel_err(a, b) -> float:
 
 def masks_of(be):
     return [s.block_mask() for s in be.report().rewritten]
-
-
-def allow_broken_torchvision():
-    """timm imports torchvision; a torchvision wheel built for CUDA torch cannot load its C ops
-    next to the CPU torch, and then fails at import in its op registrations. timm only needs
-    torchvision's Python parts: skip those registrations when the ops are missing."""
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        for name in list(sys.modules):
-            if name == "torchvision" or name.startswith("torchvision."):
-                del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-        import torchvision  # noqa: F401,F811
-    except ImportError:
-        pass

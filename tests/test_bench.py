@@ -186,6 +186,16 @@ def test_kernels_alone(tmp_path):
     assert row["sparge_rel_err"] < 1e-4 and abs(row["sparsity"] - 0.5) <= 16 / 128
 
 
+def test_masks(tmp_path):
+    _bench("masks", "--quick", "--out", str(tmp_path))
+    r = _load(tmp_path, "masks")
+    assert not r["errors"], r["errors"]
+    llama, bert = r["rows"]
+    assert llama["rewritten"] == llama["sites"] == 1 and bert["rewritten"] == bert["sites"] == 2
+    assert 0.2 < bert["padding"] < 0.5 and 0 < bert["sparsity"] < 1
+    assert 0 < bert["rel_l2"] < 0.5 and 0 < llama["rel_l2"] < 0.5
+
+
 def test_accuracy_alone(tmp_path):
     _bench("accuracy", "--quick", "--out", str(tmp_path), "--grid", "2,4,8")
     assert _load(tmp_path, "accuracy")["sources"][0]["tokens"] == 64
