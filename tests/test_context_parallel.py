@@ -73,11 +73,13 @@ def _case_ulysses(causal, Hkv, balance=False):
     q, k, v, do = _full(Hkv, 1 + causal + Hkv)
     n = N // P
     rows = slice(rank * n, (rank + 1) * n)
-    order = None
+    order, extra = None, {}
     if balance:   # the order an earlier call's masks give, then the call with it
         _, _, m0 = _run(lambda *t: ulysses_attention(*t, is_causal=causal, config=CFG, return_mask=True),
                         q, k, v, do, rows, rows)
-        order = balanced_head_order(kept_blocks_per_head(m0), P, Hkv)
+        loads = kept_blocks_per_head(m0)
+        order = balanced_head_order(loads, P, Hkv)
+        extra = {"loads": loads.tolist(), "order": order}
     fn = lambda *t: ulysses_attention(*t, is_causal=causal, config=CFG, return_mask=True, head_order=order)  # noqa: E731
     out, grads, mask = _run(fn, q, k, v, do, rows, rows)
     h = H // P
@@ -85,8 +87,9 @@ def _case_ulysses(causal, Hkv, balance=False):
     if order is not None:   # gathered in the permuted head order: back to the model's
         qo = [kv * (H // Hkv) + g for kv in order for g in range(H // Hkv)]
         dense = dense[:, torch.argsort(torch.tensor(qo))]
+        extra["rank_kept"] = int(mask.kv_num_blocks.sum())
     same = bool(torch.equal(dense, sc.predict_block_mask(q, k, None, causal, CFG).to_dense()))
-    return {"err": _errors(out, grads, dense, q, k, v, do, causal, rows, rows), "same_mask": same}
+    return {"err": _errors(out, grads, dense, q, k, v, do, causal, rows, rows), "same_mask": same, **extra}
 
 
 def _case_ring(causal, Hkv):
@@ -117,13 +120,12 @@ def _case_usp(causal, groups):
 
 
 def _cases(P: int):
-    cases = {}
+    cases = {"ulysses-balanced": lambda: _case_ulysses(True, H, balance=True)}
     for causal in (False, True):
         cases[f"ulysses-causal{causal}"] = lambda c=causal: _case_ulysses(c, H)
         cases[f"ring-causal{causal}"] = lambda c=causal: _case_ring(c, H)
     if P == 2:
         cases["ulysses-gqa"] = lambda: _case_ulysses(False, 2)
-        cases["ulysses-balanced"] = lambda: _case_ulysses(True, H, balance=True)
         cases["ring-gqa"] = lambda: _case_ring(True, 2)
     if P == 4:
         groups = usp_groups(2, 2)
@@ -132,19 +134,39 @@ def _cases(P: int):
     return cases
 
 
+def _bad_inputs():
+    """The errors the parallel functions raise, as {case: message}, run on every rank."""
+    q, k, v, _ = _full(H, 0)
+    calls = {
+        "ring-shard-not-block-multiple": lambda: ring_attention(q[:, :, :48], k[:, :, :48], v[:, :, :48], config=CFG),
+        "ring-causal-unequal-shards": lambda: ring_attention(q[:, :, :32], k[:, :, :64], v[:, :, :64],
+                                                             is_causal=True, config=CFG),
+        "ulysses-heads-not-divisible": lambda: ulysses_attention(q[:, :3], k[:, :3], v[:, :3], config=CFG),
+        "ulysses-head-order": lambda: ulysses_attention(q, k, v, config=CFG, head_order=[0, 0, 1, 2]),
+        "usp-degrees": lambda: usp_groups(3, 1),
+    }
+    found = {}
+    for name, call in calls.items():
+        try:
+            call()
+            found[name] = None
+        except (ValueError, TypeError) as e:
+            found[name] = str(e)
+    return found
+
+
 def _worker(rank: int, P: int, port: int, path: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=P, timeout=datetime.timedelta(seconds=60))
     try:
         results = {name: fn() for name, fn in _cases(P).items()}
+        results["bad-inputs"] = _bad_inputs()
         every = [None] * P
         dist.all_gather_object(every, results)
         if rank == 0:
-            merged = {name: {"err": max(r[name]["err"] for r in every),
-                             "same_mask": all(r[name]["same_mask"] for r in every)} for name in results}
             with open(path, "w") as f:
-                json.dump(merged, f)
+                json.dump({name: [r[name] for r in every] for name in results}, f)
     finally:
         dist.destroy_process_group()
 
@@ -166,14 +188,80 @@ def world(request, tmp_path_factory):
 
 def test_parallel_matches_single_process_op(world):
     P, results = world
-    expected = {"ulysses-causalFalse", "ulysses-causalTrue", "ring-causalFalse", "ring-causalTrue"}
-    expected |= {"ulysses-gqa", "ulysses-balanced", "ring-gqa"} if P == 2 else {"usp-causalFalse", "usp-causalTrue"}
+    results = {name: rs for name, rs in results.items() if name != "bad-inputs"}
+    expected = {"ulysses-causalFalse", "ulysses-causalTrue", "ulysses-balanced", "ring-causalFalse", "ring-causalTrue"}
+    expected |= {"ulysses-gqa", "ring-gqa"} if P == 2 else {"usp-causalFalse", "usp-causalTrue"}
     assert set(results) == expected
-    bad = {name: r["err"] for name, r in results.items() if not r["err"] <= TOL}
+    bad = {name: [r["err"] for r in rs] for name, rs in results.items() if not max(r["err"] for r in rs) <= TOL}
     assert not bad, f"{P} ranks: relative error of (out, dq, dk, dv) above {TOL}: {bad}"
 
 
 def test_parallel_masks_equal_single_process_prediction(world):
     P, results = world
-    differ = [name for name, r in results.items() if not r["same_mask"]]
+    results = {name: rs for name, rs in results.items() if name != "bad-inputs"}
+    differ = [name for name, rs in results.items() if not all(r["same_mask"] for r in rs)]
     assert not differ, f"{P} ranks: the parallel mask differs from sc.predict_block_mask on the whole sequence: {differ}"
+
+
+def test_balanced_head_order_evens_the_ranks_kept_blocks(world):
+    P, results = world
+    r0 = results["ulysses-balanced"][0]
+    loads, order = r0["loads"], r0["order"]
+    per = len(order) // P
+    plain = max(sum(loads[r * per: (r + 1) * per]) for r in range(P))
+    ranked = [r["rank_kept"] for r in results["ulysses-balanced"]]
+    assert ranked == [sum(loads[h] for h in order[r * per: (r + 1) * per]) for r in range(P)]
+    assert sorted(order) == list(range(len(loads))) and max(ranked) <= plain
+
+
+@pytest.mark.parametrize("case, words", [
+    ("ring-shard-not-block-multiple", "multiple of block_k"),
+    ("ring-causal-unequal-shards", "same length"),
+    ("ulysses-heads-not-divisible", "multiples of the group size"),
+    ("ulysses-head-order", "head_order must be a permutation"),
+    ("usp-degrees", "must equal the world size"),
+])
+def test_bad_inputs_raise_errors_naming_the_argument(world, case, words):
+    P, results = world
+    messages = [r[case] for r in results["bad-inputs"]]
+    assert len(messages) == P and all(m is not None and words in m for m in messages), messages
+
+
+# ---- in-process pieces (no process group) -------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mask_from_pooled_rows_equal_the_reference_mask(causal):
+    q, k, _, _ = _full(2, 5)
+    want = R.reference_block_mask(q, k, None, causal, CFG.topk, CFG.topp, CFG.mode, CFG.block_q, CFG.block_k)
+    kbar = R.pool_blocks(k, CFG.block_k)
+    n = N // 4
+    for r in range(4):
+        qbar = R.pool_blocks(q[:, :, r * n: (r + 1) * n], CFG.block_q)
+        got = mask_from_pooled(qbar, kbar, 1 / D ** 0.5, causal, CFG, r * n, n, N)
+        assert torch.equal(got, want[:, :, r * n // CFG.block_q: (r + 1) * n // CFG.block_q]), r
+
+
+def test_merge_lse_equals_attention_over_the_union_and_keeps_empty_rows_finite():
+    g = torch.Generator().manual_seed(3)
+    s, v = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+    s[1, :4] = float("-inf")          # row 1 sees no key of the first part
+    s[2, :] = float("-inf")           # row 2 sees no key at all
+    parts = []
+    for cols in (slice(0, 4), slice(4, 8)):
+        lse = torch.logsumexp(s[:, cols], -1)
+        ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        parts.append((torch.exp(s[:, cols] - ref[:, None]) @ v[cols], lse))
+    out, lse = merge_lse(*parts[0], *parts[1])
+    assert torch.allclose(out[[0, 1, 3, 4]], torch.softmax(s[[0, 1, 3, 4]], -1) @ v, atol=1e-12)
+    assert torch.equal(out[2], torch.zeros(4, dtype=torch.float64)) and torch.isneginf(lse[2])
+    assert torch.allclose(lse[[0, 1, 3, 4]], torch.logsumexp(s[[0, 1, 3, 4]], -1))
+
+
+def test_balanced_head_order_assigns_equal_counts_by_load():
+    order = balanced_head_order([10, 1, 1, 10], 2)
+    assert sorted(order) == [0, 1, 2, 3]
+    assert sorted(sum([10, 1, 1, 10][h] for h in order[r * 2: r * 2 + 2]) for r in range(2)) == [11, 11]
+    # GQA: kv head h carries query heads 2h, 2h + 1
+    assert balanced_head_order([5, 5, 5, 5, 1, 1, 1, 1], 2, kv_heads=4) == [0, 2, 1, 3]
+    with pytest.raises(ValueError, match="kv_heads"):
+        balanced_head_order([1, 2, 3], 2)
