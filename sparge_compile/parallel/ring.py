@@ -54,7 +54,7 @@ def _ring_forward(q, k, v, slices, args, group):
         j = (rank - s) % P
         handle = ring_shift([k, v], group) if s < P - 1 else None
         causal = _step_kind(rank, j, is_causal)
-        if causal is not None and int(slices[j][0].sum()) > 0:
+        if causal is not None and slices[j] is not None:
             o_j, l_j = ops.block_sparse_attention_op(q, k, v, *slices[j], scale, causal, bq, bk)
             out, lse = merge_lse(out, lse, o_j, l_j.to(acc))
         if handle is not None:
@@ -74,7 +74,7 @@ def _ring_backward(dout, q, k, v, out, lse, slices, args, group):
         j = (rank - s) % P
         handle = ring_shift([k, v], group) if s < P - 1 else None
         causal = _step_kind(rank, j, is_causal)
-        if causal is not None and int(slices[j][0].sum()) > 0:
+        if causal is not None and slices[j] is not None:
             g = ops.block_sparse_attention_backward_op(dout, q, k, v, out, lse32, *slices[j], scale, causal,
                                                       bq, bk)
             dq += g[0]
@@ -93,6 +93,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, group):
         P = group_rank_size(group)[1]
         slices = shard_slices(kv_num, kv_idx, kv_idx.shape[-1], P)
+        kept = torch.stack([n.sum() for n, _ in slices]).tolist()   # one host sync per call
+        slices = [sl if c > 0 else None for sl, c in zip(slices, kept)]   # None: no kept block, skip
         args = (scale, is_causal, block_q, block_k)
         out, lse = _ring_forward(q, k, v, slices, args, group)
         ctx.save_for_backward(q, k, v, out, lse)
