@@ -33,7 +33,7 @@ from sparge_compile.parallel import (
 from sparge_compile.parallel.mask import mask_from_pooled
 
 CFG = sc.SpargeConfig(topk=0.3, topp=0.5, block_q=32, block_k=32, min_seq_len=0)
-B, H, N, D = 1, 4, 256, 32
+B, H, N, D = 2, 4, 256, 32
 TOL = 1e-5      # against the single-process fp32 op, same mask
 TOL64 = 2e-5    # fp32 against the float64 masked attention, same mask
 
