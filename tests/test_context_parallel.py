@@ -124,6 +124,21 @@ def _case_ring(causal, Hkv):
     return {**_errors(out, grads, dense, q, k, v, do, causal, rows, rows), "same_mask": same}
 
 
+def _case_ring_given_mask(causal):
+    """ring_attention(block_mask=...) with the rows of the single-process prediction."""
+    rank, P = dist.get_rank(), dist.get_world_size()
+    q, k, v, do = _full(H, 31 + causal)
+    n = N // P
+    rows = slice(rank * n, (rank + 1) * n)
+    whole = sc.predict_block_mask(q, k, None, causal, CFG)
+    r0, r1 = rank * n // CFG.block_q, (rank + 1) * n // CFG.block_q
+    mine = sc.SpargeBlockMask(whole.kv_num_blocks[:, :, r0:r1], whole.kv_indices[:, :, r0:r1], n, N, CFG.block_q,
+                              CFG.block_k, causal)
+    fn = lambda *t: (ring_attention(*t, is_causal=causal, block_mask=mine), None)
+    out, grads, _ = _run(fn, q, k, v, do, rows, rows)
+    return {**_errors(out, grads, whole.to_dense(), q, k, v, do, causal, rows, rows), "same_mask": True}
+
+
 def _case_usp(causal, groups):
     rank, P = dist.get_rank(), dist.get_world_size()
     U = dist.get_world_size(groups[0])
@@ -140,7 +155,8 @@ def _case_usp(causal, groups):
 
 
 def _cases(P: int):
-    cases = {"ulysses-balanced": lambda: _case_ulysses(False, H, balance=True)}
+    cases = {"ulysses-balanced": lambda: _case_ulysses(False, H, balance=True),
+             "ring-given-mask": lambda: _case_ring_given_mask(True)}
     for causal in (False, True):
         cases[f"ulysses-causal{causal}"] = lambda c=causal: _case_ulysses(c, H)
         cases[f"ring-causal{causal}"] = lambda c=causal: _case_ring(c, H)
@@ -164,6 +180,12 @@ def _bad_inputs():
         "ulysses-heads-not-divisible": lambda: ulysses_attention(q[:, :3], k[:, :3], v[:, :3], config=CFG),
         "ulysses-head-order": lambda: ulysses_attention(q, k, v, config=CFG, head_order=[0, 0, 1, 2]),
         "usp-degrees": lambda: usp_groups(3, 1),
+        "ring-mask-of-the-shard": lambda: ring_attention(
+            q[:, :, :64], k[:, :, :64], v[:, :, :64], block_mask=sc.predict_block_mask(q[:, :, :64], k[:, :, :64],
+                                                                                      config=CFG)),
+        "ulysses-mask-shape": lambda: ulysses_attention(
+            q[:, :, :64], k[:, :, :64], v[:, :, :64], block_mask=sc.predict_block_mask(q[:, :, :64], k[:, :, :64],
+                                                                                      config=CFG)),
     }
     found = {}
     for name, call in calls.items():
@@ -209,7 +231,8 @@ def world(request, tmp_path_factory):
 def test_parallel_matches_single_process_op(world):
     P, results = world
     results = {name: rs for name, rs in results.items() if name != "bad-inputs"}
-    expected = {"ulysses-causalFalse", "ulysses-causalTrue", "ulysses-balanced", "ring-causalFalse", "ring-causalTrue"}
+    expected = {"ulysses-causalFalse", "ulysses-causalTrue", "ulysses-balanced", "ring-causalFalse", "ring-causalTrue",
+                "ring-given-mask"}
     expected |= {"ulysses-gqa", "ring-gqa"} if P == 2 else {"usp-causalFalse", "usp-causalTrue"}
     assert set(results) == expected
     for key, tol in (("err", TOL), ("err64", TOL64)):
@@ -243,6 +266,8 @@ def test_balanced_head_order_evens_the_ranks_kept_blocks(world):
     ("ulysses-heads-not-divisible", "multiples of the group size"),
     ("ulysses-head-order", "head_order must be a permutation"),
     ("usp-degrees", "must equal the world size"),
+    ("ring-mask-of-the-shard", "the whole key sequence"),
+    ("ulysses-mask-shape", "block_mask"),
 ])
 def test_bad_inputs_raise_errors_naming_the_argument(world, case, words):
     P, results = world

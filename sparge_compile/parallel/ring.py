@@ -18,7 +18,7 @@ from .. import reference as R
 from ..attention import _config
 from ..block_mask import SpargeBlockMask
 from ..kernels.torch_impl import dense_to_indices
-from ..validate import check_flag, check_qkv
+from ..validate import _mask_values_ok, check_flag, check_qkv
 from .comm import all_gather_cat, group_rank_size, ring_shift, wait_all
 from .mask import mask_from_pooled, shard_slices
 
@@ -143,6 +143,7 @@ def _check_given_mask(block_mask, q, k, P: int) -> None:
     if tuple(block_mask.shape) != want or block_mask.kv_len != P * k.shape[2]:
         raise ValueError(f"block_mask has shape {tuple(block_mask.shape)} over {block_mask.kv_len} keys; this "
                          f"rank's query rows against the whole key sequence ({P * k.shape[2]} keys) need {want}")
+    _mask_values_ok(block_mask.kv_num_blocks, block_mask.kv_indices)
 
 
 def ring_attention(q, k, v, scale=None, is_causal: bool = False, config=None, group=None,

@@ -10,7 +10,7 @@ import torch
 from .. import ops
 from ..attention import _config, predict_block_mask
 from ..block_mask import SpargeBlockMask
-from ..validate import check_flag, check_qkv
+from ..validate import check_block_mask, check_flag, check_qkv
 from .comm import all_gather_cat, group_rank_size, heads_to_seq, seq_to_heads
 
 
@@ -49,6 +49,8 @@ def ulysses_attention(q, k, v, scale=None, is_causal: bool = False, config=None,
         ko = torch.as_tensor(head_order, dtype=torch.int64, device=q.device)
         q, k, v = q[:, qo], k[:, ko], v[:, ko]
     qh, kh, vh = (seq_to_heads(t, group) for t in (q, k, v))
+    if block_mask is not None:
+        check_block_mask(block_mask, qh, kh)   # this rank's heads over the whole sequence
     mask = predict_block_mask(qh.detach(), kh.detach(), scale, is_causal, cfg) if block_mask is None else block_mask
     out, _ = ops.block_sparse_attention_op(qh, kh, vh, mask.kv_num_blocks, mask.kv_indices, scale, is_causal,
                                            mask.block_q, mask.block_k)
