@@ -124,6 +124,21 @@ def _case_ring(causal, Hkv):
     return {**_errors(out, grads, dense, q, k, v, do, causal, rows, rows), "same_mask": same}
 
 
+def _case_ring_cross():
+    """Queries and keys of different lengths (non-causal): 3 query blocks and 4 key blocks a rank on 2 ranks."""
+    rank, P = dist.get_rank(), dist.get_world_size()
+    q, k, v, do = _full(H, 41)
+    Nq = 3 * CFG.block_q * P
+    q, do = q[:, :, :Nq].contiguous(), do[:, :, :Nq].contiguous()
+    n, nk = Nq // P, N // P
+    rows, kv_rows = slice(rank * n, (rank + 1) * n), slice(rank * nk, (rank + 1) * nk)
+    fn = lambda *t: ring_attention(*t, config=CFG, return_mask=True)
+    out, grads, mask = _run(fn, q, k, v, do, rows, kv_rows)
+    dense = _gather_mask(mask.to_dense(), 0, rank * 3, (B, H, Nq // CFG.block_q, N // CFG.block_k))
+    same = bool(torch.equal(dense, sc.predict_block_mask(q, k, None, False, CFG).to_dense()))
+    return {**_errors(out, grads, dense, q, k, v, do, False, rows, kv_rows), "same_mask": same}
+
+
 def _case_ring_given_mask(causal):
     """ring_attention(block_mask=...) with the rows of the single-process prediction."""
     rank, P = dist.get_rank(), dist.get_world_size()
@@ -163,6 +178,7 @@ def _cases(P: int):
     if P == 2:
         cases["ulysses-gqa"] = lambda: _case_ulysses(False, 2)
         cases["ring-gqa"] = lambda: _case_ring(True, 2)
+        cases["ring-cross"] = _case_ring_cross
     if P == 4:
         groups = usp_groups(2, 2)
         for causal in (False, True):
@@ -233,7 +249,7 @@ def test_parallel_matches_single_process_op(world):
     results = {name: rs for name, rs in results.items() if name != "bad-inputs"}
     expected = {"ulysses-causalFalse", "ulysses-causalTrue", "ulysses-balanced", "ring-causalFalse", "ring-causalTrue",
                 "ring-given-mask"}
-    expected |= {"ulysses-gqa", "ring-gqa"} if P == 2 else {"usp-causalFalse", "usp-causalTrue"}
+    expected |= {"ulysses-gqa", "ring-gqa", "ring-cross"} if P == 2 else {"usp-causalFalse", "usp-causalTrue"}
     assert set(results) == expected
     for key, tol in (("err", TOL), ("err64", TOL64)):
         bad = {name: [r[key] for r in rs] for name, rs in results.items() if not max(r[key] for r in rs) <= tol}
