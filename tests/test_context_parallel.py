@@ -226,6 +226,7 @@ def _worker(rank: int, P: int, port: int, path: str):
             with open(path, "w") as f:
                 json.dump({name: [r[name] for r in every] for name in results}, f)
     finally:
+        dist.barrier()   # no rank leaves (and takes rank 0's store with it) while another still talks
         dist.destroy_process_group()
 
 

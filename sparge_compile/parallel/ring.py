@@ -68,23 +68,31 @@ def _ring_backward(dout, q, k, v, out, lse, slices, args, group):
     rank, P = group_rank_size(group)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
-    lse32 = lse.to(torch.float32)
+    lse32, moving = lse.to(torch.float32), None   # moving: the dk/dv accumulators in flight
     for s in range(P):
         j = (rank - s) % P
         handle = ring_shift([k, v], group) if s < P - 1 else None
         causal = _step_kind(rank, j, is_causal)
+        g = None
         if causal is not None and slices[j] is not None:
             g = ops.block_sparse_attention_backward_op(dout, q, k, v, out, lse32, *slices[j], scale, causal,
                                                       bq, bk)
             dq += g[0]
+        # shard j's accumulators, sent by the previous rank during this step's compute
+        if moving is None:
+            dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
+        else:
+            wait_all(moving[1])
+            dk, dv = moving[0]
+        if g is not None:
             dk += g[1]
             dv += g[2]
+        moving = ring_shift([dk, dv], group)   # on to the next rank, overlapping its next step
         if handle is not None:
             wait_all(handle[1])
             k, v = handle[0]
-        (dk, dv), h = ring_shift([dk, dv], group)   # the accumulators follow their shard
-        wait_all(h)   # after P shifts each rank holds its own shard's dk, dv
+    wait_all(moving[1])   # after P shifts each rank holds its own shard's dk, dv
+    dk, dv = moving[0]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
