@@ -7,7 +7,7 @@
 from .attention import predict_block_mask, sparse_attention
 from .block_mask import SpargeBlockMask
 from .calibration import CalibrationError, calibrate
-from .compiler import backend, explain
+from .compiler import SpargeBackend, backend, explain
 from .config import CalibrateConfig, DistillConfig, SpargeConfig
 from .distillation import DistillError, DistillResult, NonFiniteLossError, distill
 from .flow import euler_sample, flow_matching_inputs, logit_normal_timesteps
@@ -15,7 +15,8 @@ from .parallel import ring_attention, ulysses_attention, usp_attention, usp_grou
 from .plan import PlanMismatchError, SpargePlan
 
 __all__ = ["CalibrateConfig", "CalibrationError", "DistillConfig", "DistillError", "DistillResult",
-           "NonFiniteLossError", "PlanMismatchError", "SpargeBlockMask", "SpargeConfig", "SpargePlan",
+           "NonFiniteLossError", "PlanMismatchError", "SpargeBackend", "SpargeBlockMask", "SpargeConfig",
+           "SpargePlan",
            "backend", "calibrate", "distill", "euler_sample", "explain", "flow_matching_inputs",
            "logit_normal_timesteps", "predict_block_mask", "ring_attention", "sparse_attention",
            "ulysses_attention", "usp_attention", "usp_groups"]
