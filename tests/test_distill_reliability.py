@@ -171,3 +171,12 @@ def test_resume_with_same_settings_is_quiet(tmp_path, recwarn):
     sc.distill(make_model(), batch, steps=1, checkpoint_dir=tmp_path, **FAST)
     sc.distill(make_model(), batch, steps=2, checkpoint_dir=tmp_path, **FAST)
     assert not [w for w in recwarn if "resuming from" in str(w.message)]
+
+
+def test_trainable_as_one_name_prefix():
+    """trainable="qkv" is one prefix (a str is iterable: it was split into the letters q, k, v)."""
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sc.distill(model, batch, steps=2, lr=1e-2, trainable="qkv", **FAST)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"qkv.weight", "qkv.bias"}

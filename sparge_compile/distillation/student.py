@@ -80,7 +80,7 @@ def select_params(module: nn.Module, trainable) -> list[nn.Parameter]:
     elif callable(trainable):
         chosen = [p for n, p in named if trainable(n, p)]
     else:
-        items = list(trainable)
+        items = [trainable] if isinstance(trainable, str) else list(trainable)   # one prefix
         if items and all(isinstance(x, str) for x in items):
             chosen = [p for n, p in named if any(n == s or n.startswith(s + ".") for s in items)]
         elif all(isinstance(x, nn.Parameter) for x in items):
