@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("bench.report", "merge the JSON of several runs (folders) into one report"),
     "tune": ("bench.tools.tune_kernels", "GPU tool: time kernel variants and launch settings against Flex"),
     "profile": ("bench.tools.profile_kernels", "GPU tool: per-kernel profile, host cost, compiler report"),
+    "headdim": ("bench.tools.headdim", "GPU tool: kernel times at head dims 64/128 and padded 72/80"),
 }
 
 

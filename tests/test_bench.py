@@ -48,7 +48,7 @@ def test_every_name_has_its_options(name):
     assert callable(module.run)
     text = p.format_help()
     assert f"python -m bench {name}" in text and "--out" in text
-    if name not in ("report", "tune", "profile"):
+    if getattr(module, "COMMON_ARGS", True):   # the GPU tools and report have no --quick
         assert "--quick" in text
 
 
@@ -64,7 +64,7 @@ def test_quick_keeps_explicit_sizes():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the real tools on a GPU")
-@pytest.mark.parametrize("name", ["tune", "profile"])
+@pytest.mark.parametrize("name", ["tune", "profile", "headdim"])
 def test_gpu_tools_say_they_need_cuda(name, tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         cli.main([name, "--out", str(tmp_path)])

@@ -6,17 +6,21 @@ kept: the kernel against SDPA) and with the predicted mask (default config), K/V
 and through pointer loads; the backward on the predicted mask, both ways; the mask prediction.
 Fixed launch settings (no autotune), ``triton.testing.do_bench`` medians in ms.
 
-    PYTHONPATH=. python bench/headdim_gpu.py --out out/headdim.json [--dims 64,128,72,80]
+    PYTHONPATH=. python -m bench headdim --out OUT [--dims 64,128,72,80]   (writes OUT/headdim.json)
 """
 from __future__ import annotations
 
 import argparse
 import json
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from bench.cli import module_entry
+from bench.tools import require_cuda
 
 B, H, N = 1, 12, 32768
 BLOCK_Q, BLOCK_K = 128, 64
@@ -68,24 +72,33 @@ def run_head_dim(D: int) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="JSON file to write")
-    ap.add_argument("--dims", default="64,128,72,80", help="head dims, comma-separated")
-    args = ap.parse_args()
+COMMON_ARGS = False  # no --quick: a GPU tool
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="bench-results", help="folder for headdim.json")
+    p.add_argument("--dims", default="64,128,72,80", help="head dims, comma-separated")
+
+
+def run(args) -> dict:
+    require_cuda("headdim")
     from sparge_compile.kernels import tuning
 
     tuning.AUTOTUNE = False
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "shape": {"B": B, "H": H, "N": N, "dtype": "bfloat16", "block_q": BLOCK_Q, "block_k": BLOCK_K},
            "dims": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for D in (int(d) for d in args.dims.split(",")):
         res["dims"][D] = run_head_dim(D)
         print(D, json.dumps(res["dims"][D]), flush=True)
-        if args.out:  # after every head dim: a run cut short keeps what it measured
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+        # after every head dim: a run cut short keeps what it measured
+        (out / "headdim.json").write_text(json.dumps(res, indent=1))
+    return res
 
+
+main = module_entry(__spec__.name)  # python -m bench.tools.headdim [options]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
