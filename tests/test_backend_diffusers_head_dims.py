@@ -5,11 +5,10 @@ same block masks, gradients equal eager."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _backend_util import allow_broken_torchvision, masks_of, rel_err, run_same_masks
 from torch.overrides import TorchFunctionMode
 
 import sparge_compile as sc
-
-from _backend_util import allow_broken_torchvision, masks_of, rel_err, run_same_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DENSE = sc.SpargeConfig(topk=1.0, topp=0.0, block_q=16, block_k=16, min_seq_len=0)
