@@ -63,8 +63,8 @@ def _bert(args, device, dtype):
     cfg._attn_implementation = "sdpa"
     model = tr.BertModel(cfg).to(device=device, dtype=dtype).eval()
     B, N = args.bert_batch, args.bert_tokens
-    g = torch.Generator().manual_seed(0)
-    lengths = (N * (1 - 2 * args.padding * torch.rand(B, generator=g))).long().clamp(1, N)
+    # lengths spread evenly so that the batch pads exactly --padding of its tokens (right padding)
+    lengths = (N * (1 - 2 * args.padding * (torch.arange(B) + 0.5) / B)).round().long().clamp(1, N)
     mask = (torch.arange(N)[None, :] < lengths[:, None]).long().to(device)
     ids = torch.randint(0, 1024, (B, N), device=device)
     return model, dict(input_ids=ids, attention_mask=mask), mask.bool()
