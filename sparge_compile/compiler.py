@@ -3,7 +3,7 @@
     model = torch.compile(model, backend="sparge", options={"topk": 0.05, "min_seq_len": 0})
     be = sparge_compile.backend(config=SpargeConfig(...), inner="aot_eager")   # advanced use
     model = torch.compile(model, backend=be); be.set_config(topk=0.1)         # no recompile
-    print(sparge_compile.explain(model))
+    print(sparge_compile.explain(model, x))   # runs model(x) first: compilation is lazy
 
 The pass runs on Dynamo's FX graph, before AOTAutograd, so training traces the sparse op's own
 autograd formula; the rewritten graph then goes to Inductor (or ``aot_eager``/``eager``).
