@@ -40,7 +40,7 @@ class _EagerSparseAttention(torch.autograd.Function):
 
 def _predict(q, k, scale, is_causal, cfg):
     args = (q.detach(), k.detach(), scale, bool(is_causal), cfg.topk, cfg.topp, cfg.mode, cfg.block_q,
-            cfg.block_k)
+            cfg.block_k, None, cfg.theta)
     if torch.compiler.is_compiling():
         return ops.predict_block_mask_op(*args)
     return kernels.predict_mask(*args)

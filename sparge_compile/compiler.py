@@ -31,7 +31,7 @@ log = logging.getLogger("sparge_compile.backend")
 INNERS = ("inductor", "aot_eager", "eager")
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SpargeConfig))
 EXTRA_OPTIONS = ("inner", "plan", "inductor", "record_masks")
-RUNTIME_FIELDS = ("topk", "topp", "mode")   # change without a recompile (read by the mask op)
+RUNTIME_FIELDS = ("topk", "topp", "mode", "theta")   # change without a recompile (read by the mask op)
 
 _LIVE: "weakref.WeakSet[SpargeBackend]" = weakref.WeakSet()   # every backend object alive (explain)
 _LOCK = threading.Lock()
@@ -198,7 +198,7 @@ class SpargeBackend:
         return [s.state for g in self.graphs for s in g.sites if s.state is not None]
 
     def set_config(self, **changes) -> None:
-        """Change topk / topp / mode of every site this backend rewrote, at run time, no recompile.
+        """Change topk / topp / mode / theta of every site this backend rewrote, at run time, no recompile.
 
         Block sizes and min_seq_len shape the compiled graph: change them by compiling again.
         """

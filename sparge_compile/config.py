@@ -39,6 +39,9 @@ class SpargeConfig(_Replace):
     mode:  "hybrid" (union of both rules, the default), "topk" or "topp" (one rule alone).
     block_q, block_k: tokens per query block / key block (powers of two in [16, 256]).
     min_seq_len: attention with fewer keys than this stays dense in the compiler backend.
+    theta: SpargeAttn's self-similarity judge, None (off) or a threshold in [-1, 1]: a query or
+           key block whose tokens' mean pairwise cosine similarity is below theta is badly
+           summarised by its mean, so it is never dropped (its row / column is kept whole).
     """
 
     topk: float = 0.03
@@ -47,6 +50,7 @@ class SpargeConfig(_Replace):
     block_k: int = 64
     mode: str = "hybrid"
     min_seq_len: int = 1024
+    theta: float | None = None
 
     def __post_init__(self):
         for name in ("topk", "topp"):
@@ -66,6 +70,16 @@ class SpargeConfig(_Replace):
                 raise ValueError(f"SpargeConfig.{name} must be a power of two in [16, 256], got {val}")
         if not is_int(self.min_seq_len) or self.min_seq_len < 0:
             raise ValueError(f"SpargeConfig.min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
+        if self.theta is not None:
+            object.__setattr__(self, "theta", _check_theta(self.theta))
+
+
+def _check_theta(theta) -> float:
+    if not is_real(theta):
+        raise TypeError(f"SpargeConfig.theta must be None or a float, got {type(theta).__name__}")
+    if not (-1.0 <= float(theta) <= 1.0):
+        raise ValueError(f"SpargeConfig.theta must be None or in [-1, 1], got {theta}")
+    return float(theta)
 
 
 DEFAULT_CONFIG = SpargeConfig()

@@ -20,12 +20,12 @@ from .reference import cdiv
 @torch.library.custom_op("sparge::predict_block_mask", mutates_args=())
 def predict_block_mask_op(q: Tensor, k: Tensor, scale: float, is_causal: bool, topk: float,
                           topp: float, mode: str, block_q: int, block_k: int,
-                          kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return kernels.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
+                          kv_keep: Tensor | None = None, theta: float | None = None) -> tuple[Tensor, Tensor]:
+    return kernels.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep, theta)
 
 
 @predict_block_mask_op.register_fake
-def _(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
+def _(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, theta=None):
     B, H, Nq, _ = q.shape
     nq, nk = cdiv(Nq, block_q), cdiv(k.shape[2], block_k)
     return q.new_empty((B, H, nq), dtype=torch.int32), q.new_empty((B, H, nq, nk), dtype=torch.int32)

@@ -106,6 +106,34 @@ def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, scale: float, is_causal: bo
     return (~torch.isfinite(s) & visible(q, k, block_q, block_k, is_causal, kv_keep)).any(-1)
 
 
+def block_self_similarity(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, nb): mean pairwise cosine similarity of the tokens of each block of x (B, H, N, D),
+    self-pairs excluded ((|sum u|^2 - sum |u|^2) / (n (n - 1)), u the unit tokens); 1 for a block
+    of one token. SpargeAttn's self-similarity judge."""
+    B, H, N, D = x.shape
+    nb = cdiv(N, block)
+    u = torch.nn.functional.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+    pad = nb * block - N
+    u = torch.nn.functional.pad(u, (0, 0, 0, pad)).reshape(B, H, nb, block, D)
+    n = torch.full((nb,), float(block), dtype=u.dtype, device=x.device)
+    n[-1] = block - pad
+    s = u.sum(3)
+    num = (s * s).sum(-1) - (u * u).sum((3, 4))
+    return torch.where(n > 1, num / (n * (n - 1)).clamp_min(1), torch.ones_like(num))
+
+
+def never_dropped(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, theta: float | None,
+                  vis: torch.Tensor) -> torch.Tensor | None:
+    """The blocks the self-similarity judge keeps whatever the scores (visible ones only): the
+    rows of query blocks and the columns of key blocks whose similarity is below theta."""
+    if theta is None:
+        return None
+    G = q.shape[1] // k.shape[1]
+    low_q = block_self_similarity(q, block_q) < theta
+    low_k = (block_self_similarity(k, block_k) < theta).repeat_interleave(G, dim=1)
+    return (low_q[..., :, None] | low_k[..., None, :]) & vis
+
+
 def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: float, mode: str):
     """Blocks to keep per row: returns (c_k, c_p, c), each (..., nq) int64.
 
@@ -134,14 +162,15 @@ def keep_counts(p: torch.Tensor, n_visible: torch.Tensor, topk: float, topp: flo
 def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = None,
                          is_causal: bool = False, topk: float = 0.03, topp: float = 0.2,
                          mode: str = "hybrid", block_q: int = 128, block_k: int = 64,
-                         kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+                         kv_keep: torch.Tensor | None = None, theta: float | None = None) -> torch.Tensor:
     """The hybrid Top-k + Top-p block mask as a dense bool tensor (B, Hq, nq, nk).
 
     Keeps, per query block, the c = max(c_k, c_p, 1) highest-scoring visible key blocks
     (ties to the lower block index) and, with is_causal, every visible diagonal block. A query
     block whose pooled scores are not all finite (NaN/inf in q or k) keeps every visible block.
     kv_keep (B, Nk) bool: a key-padding mask; key blocks of padding alone are never visible
-    (c counts the visible ones; a row with none keeps none).
+    (c counts the visible ones; a row with none keeps none). theta: the self-similarity judge
+    (:func:`never_dropped`), applied after the selection.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     p = block_scores(q, k, scale, is_causal, block_q, block_k, kv_keep)
@@ -156,7 +185,8 @@ def reference_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None =
     keep = (rank < c[..., None]) & vis
     diag = diagonal_blocks(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device) & vis
     dense = nonfinite_rows(q, k, scale, is_causal, block_q, block_k, kv_keep)[..., None] & vis
-    return keep | diag | dense
+    kept = never_dropped(q, k, block_q, block_k, theta, vis)
+    return keep | diag | dense | (kept if kept is not None else False)
 
 
 def dense_token_mask(block_mask: torch.Tensor, nq_tok: int, nk_tok: int, block_q: int,

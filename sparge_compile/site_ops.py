@@ -88,7 +88,7 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
     st = _state(site)
     cfg = st.config
     kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp,
-                                                          cfg.mode, block_q, block_k, kv_keep)
+                                                          cfg.mode, block_q, block_k, kv_keep, cfg.theta)
     # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
     # eager warm-up runs included, may hold no untracked references
     st.kv_num_blocks, st.kv_indices = (kv_num_blocks, kv_indices) if st.record else (None, None)

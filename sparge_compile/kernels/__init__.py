@@ -25,13 +25,24 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
-    """kv_keep: None, or a (B, Nk) bool key-padding mask (key blocks of padding alone are dropped)."""
-    if use_triton(q):
-        from .mask import predict_mask_triton
+def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, theta=None):
+    """kv_keep: None, or a (B, Nk) bool key-padding mask (key blocks of padding alone are dropped).
+    theta: None, or SpargeAttn's self-similarity threshold (reference.never_dropped)."""
+    if not use_triton(q):
+        return torch_impl.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep,
+                                       theta)
+    from .mask import predict_mask_triton
 
-        return predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
-    return torch_impl.predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
+    num, idx = predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep)
+    if theta is None:
+        return num, idx
+    # the judge's blocks, added to the selection with torch ops (not fused into the kernels yet)
+    from ..reference import never_dropped, visible
+
+    nk = idx.shape[-1]
+    vis = visible(q, k, block_q, block_k, is_causal, kv_keep)
+    kept = never_dropped(q, k, block_q, block_k, theta, vis)
+    return torch_impl.dense_to_indices(torch_impl.indices_to_dense(num, idx, nk) | kept)
 
 
 def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep=None):

@@ -51,10 +51,10 @@ def transpose_indices(num: torch.Tensor, idx: torch.Tensor, nk: int):
     return dense_to_indices(dense.transpose(-2, -1))
 
 
-def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
+def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, theta=None):
     acc = _acc_dtype(q)
     dense = R.reference_block_mask(q.to(acc), k.to(acc), scale, is_causal, topk, topp, mode,
-                                   block_q, block_k, kv_keep)
+                                   block_q, block_k, kv_keep, theta)
     return dense_to_indices(dense)
 
 
