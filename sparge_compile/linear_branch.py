@@ -11,9 +11,10 @@ Combinations (:class:`LinearBranch`):
 * ``"sla"``  (SLA's released form, the baseline): ``O = O_sparse + proj(O_lin)``, proj a per-layer
   ``nn.Linear(D, D)`` initialised to zero (so ``O = O_sparse`` at init).
 * ``"sla2"`` (SLA2's faithful form): ``O = (1 − a) O_sparse + a O_lin`` with
-  ``a = clamp(gate_h · (1 − r̂_i), 0, 1)``, ``r̂_i`` the kept blocks' share of the pooled block
-  scores ``P̄_i`` and ``gate_h`` a learnable scalar per head (0 at init: ``O = O_sparse``; 1: the
-  exact identity O = r·O_kept + (1 − r)·O_dropped with r estimated by the pooled scores).
+  ``a = gate_h · (1 − r̂_i)``, ``r̂_i`` the kept blocks' share of the pooled block scores ``P̄_i``
+  and ``gate_h`` a learnable scalar per head (0 at init: ``O = O_sparse``; 1: the exact identity
+  O = r·O_kept + (1 − r)·O_dropped with r estimated by the pooled scores). Not clamped to [0, 1]:
+  a clamp would stop the gate's gradient for good once a step pushed it past a bound.
   Optional router: learnable ``W_q, W_k`` (D × D, identity at init) on the pooled q̄/k̄; the mask
   is predicted from ``(q W_q, k W_k)`` (pooling is linear, so that is the mask of the routed
   pooled scores) and ``r̂`` uses the routed scores, through which the router gets its gradient.
@@ -30,7 +31,7 @@ from . import ops
 from .attention import _config, predict_block_mask
 from .block_mask import SpargeBlockMask
 from .config import SpargeConfig
-from .reference import block_scores, cdiv, visible_blocks
+from .reference import block_scores, cdiv
 from .validate import check_block_mask, check_flag, check_qkv
 
 FEATURE_MAPS = ("softmax", "elu")
@@ -201,7 +202,7 @@ class LinearBranch(nn.Module):
         if self.num_heads is not None and self.num_heads != H:
             raise ValueError(f"LinearBranch has num_heads={self.num_heads} but the input has {H} heads")
         g = self.gate.to(out_sparse.dtype).reshape(1, -1, 1)
-        a = (g * (1.0 - kept_share.to(out_sparse.dtype))).clamp(0.0, 1.0)[..., None]
+        a = (g * (1.0 - kept_share.to(out_sparse.dtype)))[..., None]   # no clamp: it would freeze g
         a = torch.where(on, a, torch.zeros_like(a))
         return (1.0 - a) * out_sparse + a * out_lin
 

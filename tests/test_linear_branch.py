@@ -32,6 +32,11 @@ def _mask(keep, Nq, Nk, is_causal):
     return SpargeBlockMask(num, idx, Nq, Nk, BQ, BK, is_causal)
 
 
+def _sparse(q, k, v, m, is_causal=False):
+    return ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, q.shape[-1] ** -0.5,
+                                         is_causal, m.block_q, m.block_k)[0]
+
+
 def _phi(x, kind):
     return torch.softmax(x, -1) if kind == "softmax" else torch.nn.functional.elu(x) + 1
 
@@ -95,7 +100,7 @@ def test_every_block_kept_gives_the_sparse_op():
     keep = torch.ones(1, 2, 3, 4, dtype=torch.bool)
     m = _mask(keep, 40, 56, False)
     assert lb.linear_attention_dropped(q, k, v, keep, BQ, BK).abs().max() == 0
-    want = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, 8 ** -0.5, False, BQ, BK)[0]
+    want = _sparse(q, k, v, m)
     for branch in (lb.LinearBranch(8, combine="sla"), lb.LinearBranch(8, 2, combine="sla2")):
         with torch.no_grad():
             for p in branch.parameters():
@@ -112,7 +117,7 @@ def test_init_equals_sparse_output(combine, is_causal):
     out = lb.sparse_linear_attention(q, k, v, branch, CFG, is_causal)
     m = lb.predict_block_mask(q, k, None, is_causal, CFG)
     assert m.sparsity() > 0                # blocks were dropped, so the linear part is not empty
-    want = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, 8 ** -0.5, is_causal, BQ, BK)[0]
+    want = _sparse(q, k, v, m, is_causal)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
@@ -126,14 +131,14 @@ def test_sla2_ratio_is_gate_times_dropped_pooled_mass():
     got = lb.sparse_linear_attention(q, k, v, branch, block_mask=m)
     p = lb.block_scores(q, k, 8 ** -0.5, False, BQ, BK)
     a = (branch.gate[None, :, None] * (p * ~keep).sum(-1)).repeat_interleave(BQ, -1)[..., None]
-    o_s = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, 8 ** -0.5, False, BQ, BK)[0]
+    o_s = _sparse(q, k, v, m)
     o_l = brute_force_linear(q, k, v, keep, False, "softmax", 1e-5)
     torch.testing.assert_close(got, (1 - a) * o_s + a * o_l, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("combine,router", [("sla", False), ("sla2", False), ("sla2", True)])
 def test_gradcheck_parameters_and_inputs(combine, router):
-    q, k, v = _qkv(Hq=2, Hkv=1, Nq=40, Nk=40, grad=True)
+    q, k, v = _qkv(Hq=2, Hkv=1, Nq=40, Nk=40, grad=router)   # q, k, v too in one case (fast mode)
     m = _mask(_random_keep(1, 2, 40, 40, seed=7), 40, 40, True)   # fixed mask: a smooth function
     branch = lb.LinearBranch(8, 2, combine=combine, router=router).double()
     with torch.no_grad():
@@ -146,7 +151,7 @@ def test_gradcheck_parameters_and_inputs(combine, router):
     def f(q, k, v, *ps):
         return torch.func.functional_call(wrap, dict(zip(names, ps)), (q, k, v))
 
-    assert torch.autograd.gradcheck(f, (q, k, v, *ps), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (q, k, v, *ps), eps=1e-6, atol=1e-6, fast_mode=router)
     grads = torch.autograd.grad(f(q, k, v, *ps).square().sum(), ps)
     assert all(gr.abs().sum() > 0 for gr in grads)   # every learnable part does reach the output
 
@@ -200,3 +205,15 @@ def test_bad_arguments_name_themselves():
         lb.sparse_linear_attention(q, k, v, nn.Linear(8, 8), CFG)
     with pytest.raises(ValueError, match="num_heads"):
         lb.sparse_linear_attention(q, k, v, lb.LinearBranch(8, 3, combine="sla2").double(), CFG)
+
+
+@pytest.mark.parametrize("combine", ["sla", "sla2"])
+def test_zero_init_still_learns(combine):
+    """The init gives the sparse output, yet the first backward reaches the branch's parameters
+    (proj's weight and bias, or the gate), so distillation can move away from it."""
+    q, k, v = _qkv(Nq=64, Nk=64)
+    branch = lb.LinearBranch(8, 2, combine=combine).double()
+    out = lb.sparse_linear_attention(q, k, v, branch, CFG)
+    out.square().sum().backward()
+    for name, p in branch.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
