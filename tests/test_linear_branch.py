@@ -19,9 +19,9 @@ def _qkv(B=1, Hq=2, Hkv=1, Nq=40, Nk=56, D=8, seed=0, dtype=torch.float64, grad=
     return [t.requires_grad_(grad) for t in (q, k, v)]
 
 
-def _random_keep(B, H, Nq, Nk, seed=1, p=0.4):
+def _random_keep(B, H, Nq, Nk, seed=1, p=0.4, bq=BQ, bk=BK):
     g = torch.Generator().manual_seed(seed)
-    nq, nk = -(-Nq // BQ), -(-Nk // BK)
+    nq, nk = -(-Nq // bq), -(-Nk // bk)
     keep = torch.rand(B, H, nq, nk, generator=g) < p
     keep[..., 0, :] = True      # one query block keeps everything: its linear part must be empty
     return keep
@@ -41,7 +41,7 @@ def _phi(x, kind):
     return torch.softmax(x, -1) if kind == "softmax" else torch.nn.functional.elu(x) + 1
 
 
-def brute_force_linear(q, k, v, keep, is_causal, kind, eps):
+def brute_force_linear(q, k, v, keep, is_causal, kind, eps, BQ=BQ, BK=BK):
     """Token by token: for query t of block i, sum phi(q_t).phi(k_s) v_s over the keys s of every key
     block j that block i drops and that every row of block i sees wholly (causal: s <= first row)."""
     B, Hq, Nq, _ = q.shape
@@ -71,14 +71,26 @@ def brute_force_linear(q, k, v, keep, is_causal, kind, eps):
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("kind", ["softmax", "elu"])
 def test_linear_output_matches_brute_force(is_causal, kind):
-    Nq = Nk = 56 if is_causal else None
-    q, k, v = _qkv(Nq=Nq or 40, Nk=Nk or 56)
+    q, k, v = _qkv(Nq=56 if is_causal else 40, Nk=56)
     keep = _random_keep(1, 2, q.shape[2], k.shape[2])
     got = lb.linear_attention_dropped(q, k, v, keep, BQ, BK, is_causal, kind, eps=1e-5)
     want = brute_force_linear(q, k, v, keep, is_causal, kind, 1e-5)
     assert want.abs().sum() > 0           # some rows do have dropped blocks
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert (got[:, :, :BQ] == 0).all()    # query block 0 keeps every block
+
+
+@pytest.mark.parametrize("Nq,Nk,bq,bk", [(48, 33, 16, 16),    # key 32 alone: last key == first row of block 2
+                                         (40, 72, 16, 32), (72, 40, 32, 16)])
+def test_linear_causal_domain_at_block_edges(Nq, Nk, bq, bk):
+    """Causal, with unequal or partial blocks: a dropped key block joins the linear branch only if
+    every row of the query block sees all of its keys (a key equal to the first row included)."""
+    q, k, v = _qkv(Nq=Nq, Nk=Nk, seed=9)
+    keep = _random_keep(1, 2, Nq, Nk, seed=10, p=0.2, bq=bq, bk=bk)
+    got = lb.linear_attention_dropped(q, k, v, keep, bq, bk, True, "softmax", eps=0.0)
+    want = brute_force_linear(q, k, v, keep, True, "softmax", 0.0, bq, bk)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
