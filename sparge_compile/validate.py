@@ -155,6 +155,20 @@ def check_block_mask(m, q: torch.Tensor, k: torch.Tensor) -> None:
         m._checked = stamp
 
 
+def check_kv_keep(kv_keep, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A key-padding mask: None or a (B, Nk) bool tensor on q's device."""
+    if kv_keep is None:
+        return
+    if not isinstance(kv_keep, torch.Tensor) or kv_keep.dtype != torch.bool:
+        got = kv_keep.dtype if isinstance(kv_keep, torch.Tensor) else type(kv_keep).__name__
+        raise TypeError(f"kv_keep must be None or a bool tensor (True: the key is attended), got {got}")
+    if tuple(kv_keep.shape) != (q.shape[0], k.shape[2]):
+        raise ValueError(f"kv_keep has shape {tuple(kv_keep.shape)}; q/k need (B, Nk) = "
+                         f"{(q.shape[0], k.shape[2])}")
+    if kv_keep.device != q.device:
+        raise ValueError(f"kv_keep is on {kv_keep.device} but q is on {q.device}")
+
+
 def _check_optional(name: str, x, ok: bool, what: str) -> None:
     if x is not None and not ok:
         raise TypeError(f"{name} must be None or {what}, got {type(x).__name__}: {x!r}")

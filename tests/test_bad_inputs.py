@@ -193,6 +193,13 @@ ROWS = [
     Row("predict: is_causal str", predict(is_causal="yes"), TypeError, r"^is_causal must be", BOTH),
     Row("predict: scale inf", predict(scale=float("inf")), ValueError, r"^scale must be", BOTH),
     Row("predict: config str", predict(config="fast"), TypeError, r"^config must be a SpargeConfig", BOTH),
+    # ---- a key-padding mask that does not fit q/k
+    Row("kv_keep not bool", attn(kv_keep=torch.ones(1, 64, dtype=torch.long)), TypeError, r"^kv_keep must be", BOTH),
+    Row("kv_keep shape", attn(kv_keep=torch.ones(1, 63, dtype=torch.bool)), ValueError, r"^kv_keep has shape", BOTH),
+    Row("kv_keep device", attn(kv_keep=torch.ones(1, 64, dtype=torch.bool, device="meta")), ValueError,
+        r"^kv_keep is on meta", BOTH),
+    Row("predict kv_keep shape", predict(kv_keep=torch.ones(2, 64, dtype=torch.bool)), ValueError,
+        r"^kv_keep has shape", BOTH),
     # ---- a block_mask that does not fit q/k
     Row("mask not a SpargeBlockMask", attn(block_mask=torch.ones(1, 2, 4, 4, dtype=torch.bool)), TypeError,
         r"^block_mask must be a SpargeBlockMask", BOTH),

@@ -82,3 +82,24 @@ def test_padding_on_the_gpu(causal, D):
     grads = kernels.attention_bwd(dout, q, k, v, out, lse, num, idx, scale, causal, 128, 64, keep)
     for name, gr, t in zip("qkv", grads, (qd, kd, vd)):
         assert (gr.double() - t.grad).norm() / t.grad.norm() < 2e-2, name
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_sparse_attention_takes_a_key_padding_mask(interpret, monkeypatch):
+    """The public op: kv_keep masks the keys, forward and (eager autograd) backward."""
+    import sparge_compile as sc
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q, k, v, keep = _case(3)
+    cfg = sc.SpargeConfig(topk=0.5, topp=0.0, block_q=BQ, block_k=BK)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, m = sc.sparse_attention(q, k, v, config=cfg, kv_keep=keep, return_mask=True)
+    assert torch.equal(m.to_dense(), sc.predict_block_mask(q, k, config=cfg, kv_keep=keep).to_dense())
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = R.masked_attention(qd, kd, vd, m.to_dense(), q.shape[-1] ** -0.5, False, BQ, BK, keep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for t, r in zip((q, k, v), (qd, kd, vd)):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
