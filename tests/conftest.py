@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", deadline=None, max_examples=8, derandomize=False)
+# derandomized: CI is deterministic (a failing draw found once is added as an @example instead)
+settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True)
 settings.register_profile("gpu", deadline=None, max_examples=30)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))
 
