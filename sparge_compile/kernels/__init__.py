@@ -45,22 +45,23 @@ def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_
     return torch_impl.dense_to_indices(torch_impl.indices_to_dense(num, idx, nk) | kept)
 
 
-def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep=None):
+def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
     """kv_keep: None, or a (B, Nk) bool key-padding mask (hidden keys masked element-wise)."""
     if use_triton(q):
         from .forward import attention_fwd_triton
 
-        return attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+        return attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
                                     kv_keep=kv_keep)
-    return torch_impl.attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep)
+    return torch_impl.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
+                                    kv_keep)
 
 
-def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+def attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
                   kv_keep=None):
     if use_triton(q):
         from .backward import attention_bwd_triton
 
-        return attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
+        return attention_bwd_triton(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal,
                                     block_q, block_k, kv_keep=kv_keep)
-    return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal,
+    return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal,
                                     block_q, block_k, kv_keep)

@@ -175,8 +175,8 @@ _dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dkdv_stages=None, use_tma=None)
 
 
-def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
-                         kv_keep=None, **overrides):
+def attention_bwd_triton(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q,
+                         block_k, kv_keep=None, **overrides):
     """kv_keep: None or a (B, Nk) bool key-padding mask; overrides: of BWD_DEFAULTS (tuning knobs)."""
     bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
@@ -189,13 +189,14 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
     BLOCK_D = tuning.head_dim_tile(D)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     # the transposed index: two Triton launches on the GPU; torch ops in the interpreter (faster there)
-    q_num, q_idx = (transpose_indices_triton if q.is_cuda else transpose_indices)(kv_num, kv_idx, nk)
+    transposed = transpose_indices_triton if q.is_cuda else transpose_indices
+    q_num, q_idx = transposed(kv_num_blocks, kv_indices, nk)
     dq = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Nk, D), dtype=v.dtype, device=q.device)
     common = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                   PREC=dot_precision(q.dtype), HAS_KEEP=kv_keep is not None)
-    keep = fwd_mod.keep_pointer(kv_keep, kv_num)
+    keep = fwd_mod.keep_pointer(kv_keep, kv_num_blocks)
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E
@@ -205,7 +206,7 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_caus
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
     kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
-    dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num, kv_idx, keep, qk_scale, float(scale),
+    dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num_blocks, kv_indices, keep, qk_scale, float(scale),
                *out.stride(), *strides, *dims)
     row = BLOCK_D * q.element_size()  # bytes of one tile row
     # dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage

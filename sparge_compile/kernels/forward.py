@@ -185,7 +185,7 @@ def descriptor(x: torch.Tensor, block_n: int):
 _fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D"])
 
 
-def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, *,
+def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, *,
                          kv_keep=None, num_warps=None, num_stages=None, use_tma=None):
     """kv_keep: None or a (B, Nk) bool key-padding mask. Tuning knobs (the kernel-tuning
     benchmark sets them): num_warps, num_stages: fixed launch settings (default: autotuned on
@@ -201,8 +201,8 @@ def attention_fwd_triton(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, blo
         use_tma = USE_TMA_DEFAULT
     use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
     kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if use_tma else (k, v)
-    keep = keep_pointer(kv_keep, kv_num)
-    args = (q, kk, vv, out, lse, kv_num, kv_idx, keep, float(scale) * LOG2E,
+    keep = keep_pointer(kv_keep, kv_num_blocks)
+    args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,

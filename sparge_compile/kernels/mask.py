@@ -245,7 +245,7 @@ def _pool_warps(tile: int) -> int:
 
 
 def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
-    """Three launches: pool q and k, block scores, selection. Returns (kv_num, kv_idx).
+    """Three launches: pool q and k, block scores, selection. Returns (kv_num_blocks, kv_indices).
     kv_keep: None or a (B, Nk) bool key-padding mask (key blocks of padding alone are hidden)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -263,7 +263,7 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
 
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
                   num_warps=None, key_vis=None):
-    """Hybrid selection on (B, H, nq, nk) block scores: (kv_num, kv_idx). Tuning knobs (the
+    """Hybrid selection on (B, H, nq, nk) block scores: (kv_num_blocks, kv_indices). Tuning knobs (the
     kernel-tuning benchmark sets them): block_m query blocks per program, num_warps."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))

@@ -18,7 +18,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def dense_to_indices(dense: torch.Tensor):
-    """(B, H, nq, nk) bool -> kv_num (B, H, nq) int32, kv_idx (B, H, nq, nk) int32.
+    """(B, H, nq, nk) bool -> kv_num_blocks (B, H, nq) int32, kv_indices (B, H, nq, nk) int32.
 
     Kept block indices come first in ascending order, then the dropped ones ascending. No sort:
     a kept block j goes to slot (kept up to j) - 1, a dropped one to num + j - (kept up to j).
@@ -89,11 +89,11 @@ def _expand_kv(x, G):
     return x if G == 1 else x.repeat_interleave(G, dim=1)
 
 
-def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, kv_keep=None):
+def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
     acc = _acc_dtype(q)
     G = q.shape[1] // k.shape[1]
     qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), G), _expand_kv(v.to(acc), G)
-    dense = indices_to_dense(kv_num, kv_idx, R.cdiv(k.shape[2], block_k))
+    dense = indices_to_dense(kv_num_blocks, kv_indices, R.cdiv(k.shape[2], block_k))
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for s, e in _chunks(q.shape[2], block_q):
@@ -106,7 +106,7 @@ def attention_fwd(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, k
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, block_q, block_k,
+def attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
                   kv_keep=None):
     acc = _acc_dtype(q)
     B, Hq, _, D = q.shape
@@ -114,7 +114,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_num, kv_idx, scale, is_causal, blo
     G = Hq // Hkv
     qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), G), _expand_kv(v.to(acc), G)
     do, of = dout.to(acc), out.to(acc)
-    dense = indices_to_dense(kv_num, kv_idx, R.cdiv(k.shape[2], block_k))
+    dense = indices_to_dense(kv_num_blocks, kv_indices, R.cdiv(k.shape[2], block_k))
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)

@@ -40,7 +40,8 @@ def _compact_kernel(DenseT, QNum, QIdx, nq, nk, NQ_P2: tl.constexpr):
 
 
 def transpose_indices_triton(num: torch.Tensor, idx: torch.Tensor, nk: int):
-    """kv_num (B, H, nq), kv_idx (B, H, nq, ≥nk) int32 -> q_num (B, H, nk), q_idx (B, H, nk, nq)."""
+    """kv_num_blocks (B, H, nq), kv_indices (B, H, nq, ≥nk) int32 -> q_num (B, H, nk),
+    q_idx (B, H, nk, nq)."""
     B, H, nq = num.shape
     num, idx = num.contiguous(), idx.contiguous()
     if idx.shape[-1] != nk:

@@ -43,9 +43,9 @@ def mask_from_pooled(qbar: torch.Tensor, kbar: torch.Tensor, scale: float, is_ca
     return ((rank < c[..., None]) & vis) | diag | (nonfinite[..., None] & vis)
 
 
-def shard_slices(kv_num: torch.Tensor, kv_idx: torch.Tensor, nk: int, shards: int) -> list:
-    """Cut a (B, H, nq, nk) index mask into ``shards`` equal key ranges: [(kv_num, kv_idx), ...],
+def shard_slices(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, nk: int, shards: int) -> list:
+    """Cut a (B, H, nq, nk) index mask into ``shards`` equal key ranges: [(kv_num_blocks, kv_indices), ...],
     each with the key blocks of its range renumbered 0 .. nk / shards - 1."""
-    dense = indices_to_dense(kv_num, kv_idx, nk)
+    dense = indices_to_dense(kv_num_blocks, kv_indices, nk)
     per = nk // shards
     return [dense_to_indices(dense[..., j * per: (j + 1) * per]) for j in range(shards)]

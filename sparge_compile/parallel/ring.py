@@ -99,9 +99,9 @@ def _ring_backward(dout, q, k, v, out, lse, slices, args, group):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, group):
+    def forward(ctx, q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, group):
         P = group_rank_size(group)[1]
-        slices = shard_slices(kv_num, kv_idx, kv_idx.shape[-1], P)
+        slices = shard_slices(kv_num_blocks, kv_indices, kv_indices.shape[-1], P)
         kept = torch.stack([n.sum() for n, _ in slices]).tolist()   # one host sync per call
         slices = [sl if c > 0 else None for sl, c in zip(slices, kept)]   # None: no kept block, skip
         args = (scale, is_causal, block_q, block_k)
@@ -117,10 +117,11 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def ring_sparse_attention(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, group=None):
+def ring_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, group=None):
     """The ring with a given mask of the local query rows against the whole key set:
-    kv_num (B, H, nq_local), kv_idx (B, H, nq_local, nk_total). Returns (out, lse) of the local rows."""
-    return _RingAttention.apply(q, k, v, kv_num, kv_idx, scale, is_causal, block_q, block_k, group)
+    kv_num_blocks (B, H, nq_local), kv_indices (B, H, nq_local, nk_total). Returns (out, lse) of the
+    local rows."""
+    return _RingAttention.apply(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, group)
 
 
 def _check_ring_shards(q, k, block_q: int, block_k: int, is_causal: bool) -> None:
