@@ -227,11 +227,6 @@ class SpargeBackend:
     def report(self) -> Report:
         return Report(self.graphs)
 
-    def forget_masks(self) -> None:
-        """Drop the last masks and call counts the sites recorded (the report's measured part)."""
-        for st in self._states():
-            st.forget()
-
     def reset(self):
         """Forget this backend's reports and site states (``torch._dynamo.reset()`` calls it, and
         drops the compiled code with them); code compiled before and still run raises."""

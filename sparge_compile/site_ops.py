@@ -47,12 +47,6 @@ class SiteState:
     hook: object = None   # capture sites: fn(key, q, k, v, scale, is_causal) -> out | None
     tags: set = field(default_factory=set)   # data_ptr of a parameter of each model that ran it
 
-    def forget(self) -> None:
-        """Drop what the site collected (the last mask, the counters), keep its config."""
-        self.kv_num_blocks = self.kv_indices = None
-        self.calls = 0
-        self.tags.clear()
-
     def tag(self, owner: Tensor | None) -> None:
         if owner is not None and len(self.tags) < MAX_TAGS:
             self.tags.add(owner.data_ptr())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import sparge_compile as sc
 from bench.common import allow_broken_torchvision  # noqa: F401  (re-exported for the tests)
@@ -108,3 +109,64 @@ def rel_err(a, b) -> float:
 
 def masks_of(be):
     return [s.block_mask() for s in be.report().rewritten]
+
+
+class SDPACalls(TorchFunctionMode):
+    """Records the F.scaled_dot_product_attention calls of eager code (their head dims): an
+    attention count independent of our report."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dims = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.head_dims)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.head_dims.append(args[0].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_vit(img_size: int):
+    """timm's ViT at tiny widths: 2 blocks, 2 heads of 32, patches of 8."""
+    allow_broken_torchvision()
+    import pytest
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=8,
+                             embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def tiny_dit():
+    """diffusers' DiTTransformer2DModel: 2 layers, 2 heads of 32, 16x16 latents (64 tokens), the
+    class-label dropout (random in train()) off."""
+    allow_broken_torchvision()
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, num_layers=2,
+                                  sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    for m in model.modules():
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
+    return model
+
+
+def tiny_bert(max_positions: int):
+    """transformers' BertModel (sdpa): 2 layers, 2 heads of 32, no dropout."""
+    allow_broken_torchvision()
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=max_positions,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "sdpa"
+    return transformers.BertModel(cfg)

@@ -4,26 +4,13 @@ calls of one eager forward); dense settings equal eager, sparse settings equal e
 same block masks, gradients equal eager."""
 import pytest
 import torch
-import torch.nn.functional as F
-from _backend_util import allow_broken_torchvision, masks_of, rel_err, run_same_masks
-from torch.overrides import TorchFunctionMode
+from _backend_util import SDPACalls, allow_broken_torchvision, masks_of, rel_err, run_same_masks
 
 import sparge_compile as sc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DENSE = sc.SpargeConfig(topk=1.0, topp=0.0, block_q=16, block_k=16, min_seq_len=0)
 SPARSE = DENSE.replace(topk=0.4)
-
-
-class HeadDims(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.dims = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.dims.append(args[0].shape[-1])
-        return func(*args, **(kwargs or {}))
 
 
 def _pixart():
@@ -57,15 +44,15 @@ def _unet():
 def test_head_dims_rewritten_and_exact(build, dims):
     model, args, kw = build()
     model.eval()
-    with torch.no_grad(), HeadDims() as seen:
+    with torch.no_grad(), SDPACalls() as seen:
         ref = model(*args, **kw).sample
-    assert set(seen.dims) == dims
+    assert set(seen.head_dims) == dims
     torch._dynamo.reset()
     be = sc.backend(config=DENSE, inner="aot_eager")
     with torch.no_grad():
         out = torch.compile(model, backend=be)(*args, **kw).sample
     rep = be.report()
-    assert len(rep.rewritten) == len(seen.dims) and not rep.dense, str(rep)
+    assert len(rep.rewritten) == len(seen.head_dims) and not rep.dense, str(rep)
     assert rel_err(out, ref) < 1e-5
     torch._dynamo.reset()
     be = sc.backend(config=SPARSE, inner="aot_eager")

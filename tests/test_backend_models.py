@@ -3,9 +3,8 @@ backend: every attention site rewritten, outputs and gradients equal to the eage
 same masks, and a training step runs. Skipped when the library is not installed."""
 from __future__ import annotations
 
-import pytest
 import torch
-from _backend_util import allow_broken_torchvision, compile_sparge, masks_of, rel_err, run_same_masks
+from _backend_util import compile_sparge, masks_of, rel_err, run_same_masks, tiny_bert, tiny_dit, tiny_vit
 
 
 def _check(model, n_sites, *inputs, out_of=lambda o: o):
@@ -40,27 +39,14 @@ def _check(model, n_sites, *inputs, out_of=lambda o: o):
 
 
 def test_timm_vit():
-    allow_broken_torchvision()
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8,
-                              embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model = tiny_vit(64)
     x = torch.randn(1, 3, 64, 64)
     rep = _check(model, 2, x)
     assert rep.sites[0].shapes["q"] == (1, 2, 65, 32)
 
 
 def test_diffusers_dit():
-    allow_broken_torchvision()
-    pytest.importorskip("diffusers")
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, num_layers=2,
-                                  sample_size=16, patch_size=2, num_embeds_ada_norm=10)
-    for m in model.modules():  # the class-label dropout (classifier-free guidance) is random in train()
-        if hasattr(m, "dropout_prob"):
-            m.dropout_prob = 0.0
+    model = tiny_dit()
     x = torch.randn(1, 4, 16, 16)
     t, y = torch.tensor([10]), torch.tensor([3])
     rep = _check(model, 2, x, t, y, out_of=lambda o: o.sample if hasattr(o, "sample") else o[0])
@@ -68,13 +54,6 @@ def test_diffusers_dit():
 
 
 def test_transformers_bert():
-    allow_broken_torchvision()
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=128,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.BertModel(cfg)
+    model = tiny_bert(128)
     ids = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(0))
     _check(model, 2, ids, out_of=lambda o: o.last_hidden_state)

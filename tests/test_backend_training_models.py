@@ -16,9 +16,7 @@ import collections
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _backend_util import allow_broken_torchvision, rel_err, run_same_masks
-from torch.overrides import TorchFunctionMode
+from _backend_util import SDPACalls, rel_err, run_same_masks, tiny_bert, tiny_dit, tiny_vit
 
 import sparge_compile as sc
 from sparge_compile import kernels
@@ -27,19 +25,6 @@ DENSE = {"topk": 1.0, "topp": 1.0, "block_q": 16, "block_k": 16, "min_seq_len": 
 SPARSE = {"topk": 0.3, "topp": 0.0}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CountSDPA(TorchFunctionMode):
-    """Counts F.scaled_dot_product_attention calls in eager code."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -83,7 +68,7 @@ def _train_step_matches_eager(calls, model, n_sites, inputs, outs):
     step, compare with eager; then the same graph at sparse settings vs same-mask eager."""
     torch._dynamo.reset()
     model.train()
-    with CountSDPA() as counted:
+    with SDPACalls() as counted:
         ref_out = outs(model(*inputs))
     _loss(ref_out).backward()
     assert counted.calls == n_sites
@@ -128,40 +113,20 @@ def _train_step_matches_eager(calls, model, n_sites, inputs, outs):
 
 
 def test_timm_vit_training_step_through_inductor(kernel_calls):
-    allow_broken_torchvision()
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    model = tiny_vit(32)
     rep = _train_step_matches_eager(kernel_calls, model, 2, (torch.randn(2, 3, 32, 32),), lambda o: (o,))
     assert rep.rewritten[0].shapes["q"] == (2, 2, 17, 32)
 
 
 def test_diffusers_dit_training_step_through_inductor(kernel_calls):
-    allow_broken_torchvision()
-    pytest.importorskip("diffusers")
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, num_layers=2,
-                                  sample_size=16, patch_size=2, num_embeds_ada_norm=10)
-    for m in model.modules():  # the class-label dropout (classifier-free guidance) is random in train()
-        if hasattr(m, "dropout_prob"):
-            m.dropout_prob = 0.0
+    model = tiny_dit()
     inputs = (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.tensor([3]))
     rep = _train_step_matches_eager(kernel_calls, model, 2, inputs, lambda o: (o.sample,))
     assert rep.rewritten[0].shapes["q"] == (1, 2, 64, 32)
 
 
 def test_transformers_bert_training_step_through_inductor(kernel_calls):
-    allow_broken_torchvision()
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128, max_position_embeddings=64,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.BertModel(cfg)
+    model = tiny_bert(64)
     ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
     # the pooler output too, so every parameter is on the loss's path
     rep = _train_step_matches_eager(kernel_calls, model, 2, (ids,),

@@ -9,9 +9,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from _backend_util import TinyAttention, allow_broken_torchvision
-from torch.overrides import TorchFunctionMode
+from _backend_util import SDPACalls, TinyAttention, allow_broken_torchvision
 
 import sparge_compile as sc
 from sparge_compile import site_ops
@@ -20,21 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OPTS = dict(topk=0.25, topp=0.0, block_q=16, block_k=16, min_seq_len=0, inner="aot_eager")
 
 
-class CountSDPA(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def eager_sdpa_calls(model, *args, **kwargs) -> int:
-    with torch.no_grad(), CountSDPA() as mode:
+    with torch.no_grad(), SDPACalls() as mode:
         model(*args, **kwargs)
-    return mode.n
+    return mode.calls
 
 
 @pytest.fixture(autouse=True)

@@ -120,32 +120,21 @@ def _classify(terms: list, rank: int, nq, nk) -> tuple[str | None, str]:
         raise Unproved("a lower bound on key - query position (a sliding window or an anti-causal mask) "
                        "is not supported")
     d = bands[0].d
-    if _known_zero(d):
+    if _known_true(d == 0):
         return CAUSAL, "attn_mask proved causal from its construction"
     raise Unproved(f"causal band offset {d} (bottom-right aligned with q_len != kv_len, or shifted)")
 
 
 def _always_true(b: Band, nq, nk) -> bool:
     """j - i ranges over [-(nq - 1), nk - 1]: a band wider than that holds everywhere (a sliding
-    window longer than the sequence). Symbolic lengths: decided by a guard."""
-    try:
-        return bool(b.d >= nk - 1) if b.upper else bool(b.d <= 1 - nq)
-    except Exception:
-        return False
+    window longer than the sequence)."""
+    return _known_true(b.d >= nk - 1) if b.upper else _known_true(b.d <= 1 - nq)
 
 
 def _known_true(x) -> bool:
+    """A comparison that holds; on symbolic sizes deciding it installs a guard."""
     try:
-        return bool(x)   # a symbolic comparison: guards on it
-    except Exception:
-        return False
-
-
-def _known_zero(d) -> bool:
-    if isinstance(d, int):
-        return d == 0
-    try:
-        return bool(d == 0)   # a symbolic offset: guards on it
+        return bool(x)
     except Exception:
         return False
 
@@ -266,7 +255,7 @@ def _diff(n, target, args, kwargs):
     pre = kwargs.get("prepend")
     if pre is not None:
         p = _value(pre)
-        if not (isinstance(p, Const) and _known_zero(p.value - (x.offset - 1))):
+        if not (isinstance(p, Const) and _known_true(p.value == x.offset - 1)):
             raise Unproved(f"a diff with another prepend ({n.name})")
     return Const(1, x.rank)
 
@@ -283,7 +272,7 @@ def _const_ops(n, target, args, kwargs):
         return None
     a, b = (_value(x) if isinstance(x, fx.Node) else Const(x, 0) for x in args[:2])
     if isinstance(a, Const) and isinstance(b, Const):
-        same = _known_zero(a.value - b.value)
+        same = _known_true(a.value == b.value)
         return Const(same if name in ("eq", "__eq__") else not same, max(a.rank, b.rank))
     raise Unproved(f"an equality of positions ({n.name})")
 
