@@ -206,9 +206,15 @@ class SpargeBackend:
         if bad:
             raise ValueError(f"sparge: {bad} cannot change at run time (only {list(RUNTIME_FIELDS)}); "
                              "compile again with a new config")
+        fixed = sorted({"mode", "theta"} & set(changes))
+        if fixed and any(st.native for st in self._states()):
+            raise ValueError(f"sparge: {fixed} are fixed at compile time in sites that launch from "
+                             "Inductor's code (CUDA); compile again, or set SPARGE_NATIVE=0 before compiling")
         self.config = self.config.replace(**changes)
         for st in self._states():
             st.config = st.config.replace(**changes)
+            if st.knobs is not None:
+                st.knobs.copy_(torch.tensor([st.config.topk, st.config.topp], dtype=torch.float32))
 
     @contextlib.contextmanager
     def capturing(self, fn):

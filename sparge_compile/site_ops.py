@@ -17,6 +17,7 @@ backend.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from .config import SpargeConfig
 from .reference import cdiv
 
 MAX_TAGS = 64   # owner tags remembered per site (which models ran it; see SiteState.tags)
+# Devices whose compiled sites launch the kernels from Inductor's own code (native_ops); the
+# tests add "cpu" (Triton's interpreter, eager graphs). SPARGE_NATIVE=0: the Python ops everywhere.
+NATIVE_DEVICES = {"cuda"} if os.environ.get("SPARGE_NATIVE", "1") == "1" else set()
 
 
 @dataclass(eq=False)
@@ -46,6 +50,16 @@ class SiteState:
     record: bool = True   # keep a reference to the last mask (for the report's measured sparsity)
     hook: object = None   # capture sites: fn(key, q, k, v, scale, is_causal) -> out | None
     tags: set = field(default_factory=set)   # data_ptr of a parameter of each model that ran it
+    knobs: Tensor | None = None     # native sites: float32 [topk, topp] on the device
+    counter: Tensor | None = None   # native sites: int64 [kept pairs, visible pairs, calls]
+    native: bool = False            # traced with native_ops (mode and theta fixed at compile time)
+
+    def measured(self) -> tuple[int, int, int] | None:
+        """(kept, visible, calls) summed over the native calls so far (one device read), or None."""
+        if not self.native or self.counter is None:
+            return None
+        kept, vis, calls = (int(x) for x in self.counter.tolist())
+        return kept, vis, calls
 
     def tag(self, owner: Tensor | None) -> None:
         if owner is not None and len(self.tags) < MAX_TAGS:
@@ -166,17 +180,44 @@ def _key_padding(kv_keep, q: Tensor, k: Tensor):
     return keep.expand(q.shape[0], k.shape[2])
 
 
+def _native(q: Tensor, st: SiteState, knobs) -> bool:
+    return (knobs is not None and q.device.type in NATIVE_DEVICES and st.config.theta is None
+            and st.hook is None)
+
+
+def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st, knobs, counter):
+    """The site through :mod:`.native_ops`: pooling as graph ops, two launches for the mask."""
+    from . import native_ops
+    from .kernels.tuning import head_dim_tile
+
+    st.native = True
+    tile = head_dim_tile(q.shape[-1])
+    qb = native_ops.pool_blocks(q.detach(), block_q, tile)
+    kb = native_ops.pool_blocks(k.detach(), block_k, tile)
+    mask = native_ops.native_block_mask(qb, kb, knobs, counter, q.shape[2], k.shape[2], scale, causal,
+                                        st.config.mode, block_q, block_k, keep)
+    out, _ = native_ops.native_attention(q, k, v, *mask, scale, causal, block_q, block_k, keep)
+    return out
+
+
 def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
-                   block_k: int, site: str, owner: Tensor | None = None, kv_keep=None) -> Tensor:
+                   block_k: int, site: str, owner: Tensor | None = None, kv_keep=None, knobs=None,
+                   counter=None) -> Tensor:
     """Sparse attention for a site: q (..., Nq, D), k/v (..., Nk, D), rank 3 or 4.
 
     scale_parts: factors whose product is the softmax scale (a symbolic size is allowed: then
     q is pre-scaled and the op runs with scale 1, which is the same function).
     owner: a parameter of the model the graph belongs to (tells ``explain`` which model ran it).
     kv_keep: the site's key-padding mask ((B | 1, 1, 1, Nk) bool, True: the key is seen), or None.
+    knobs, counter: the site's device buffers (see :class:`SiteState`); given, on a device in
+    NATIVE_DEVICES, the site runs through :mod:`.native_ops` (its mode and theta fixed here).
     """
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
     causal, keep = bool(is_causal), _key_padding(kv_keep, q, k)
+    st = _state(site)
+    if _native(q, st, knobs):
+        out = _native_site(q, k, v, scale, causal, keep, block_q, block_k, st, knobs, counter)
+        return out.squeeze(0) if squeeze else out
     mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner), keep)
     out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, keep)
     return out.squeeze(0) if squeeze else out

@@ -169,8 +169,10 @@ def tma_ok(x: torch.Tensor, D: int) -> bool:
     if not (x.is_cuda and _tma_device(x.device.index)):
         return False
     es = x.element_size()
+    # traced (tuning.native): no data pointer yet; the storage's base is allocator-aligned
+    base = x.storage_offset() * es if tuning.is_native() else x.data_ptr()
     return (x.stride(-1) == 1 and D * es >= 16
-            and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
+            and base % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
 
 
 def descriptor(x: torch.Tensor, block_n: int):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..reference import cdiv, key_blocks_visible
-from .tuning import head_dim_tile
+from .tuning import head_dim_tile, run
 
 MODE_IDS = {"hybrid": 0, "topk": 1, "topp": 2}
 _FORCE_BISECTION = False
@@ -184,12 +184,28 @@ def _causal_diagonal(ri, cj, Nq, Nk, BQ: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(S, KvNum, KvIdx, KeyVis, topk, topp, Hq, Nq, Nk, nq, nk,
+def _count(Counter, num, n_vis, row_ok, first):
+    """Counter[0] += kept pairs, Counter[1] += visible pairs of these rows; Counter[2] += 1 once."""
+    tl.atomic_add(Counter, tl.sum(tl.where(row_ok, num, 0).to(tl.int64), 0))
+    tl.atomic_add(Counter + 1, tl.sum(tl.where(row_ok, n_vis, 0).to(tl.int64), 0))
+    if first:
+        tl.atomic_add(Counter + 2, tl.full([], 1, tl.int64))
+
+
+@triton.jit
+def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   MODE: tl.constexpr, PAIRWISE: tl.constexpr, HAS_KEEP: tl.constexpr):
+                   MODE: tl.constexpr, PAIRWISE: tl.constexpr, HAS_KEEP: tl.constexpr,
+                   HAS_KNOBS: tl.constexpr, COUNT: tl.constexpr):
+    """Knobs (HAS_KNOBS): a float32 [topk, topp] device tensor read instead of the scalars (a
+    compiled graph then follows set_config with no recompile). Counter (COUNT): int64 [kept
+    pairs, visible pairs, calls], added to atomically (the report reads it lazily)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    if HAS_KNOBS:
+        topk = tl.load(Knobs)
+        topp = tl.load(Knobs + 1)
     ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
     cj = tl.arange(0, NK_P2)  # key-block indices
     vis = (cj < nk)[None, :] & (ri < nq)[:, None]
@@ -219,6 +235,8 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, topk, topp, Hq, Nq, Nk, nq, nk,
     out_pos = tl.where(keep, kept_cum - 1, num[:, None] + cj[None, :] - kept_cum)
     row_ok = ri < nq
     tl.store(KvNum + bh * nq + ri, num, mask=row_ok)
+    if COUNT:
+        _count(Counter, num, n_vis, row_ok, (pid == 0) & (bh == 0))
     tl.store(KvIdx + (bh * nq + ri)[:, None] * nk + out_pos,
              tl.zeros([BLOCK_M, NK_P2], tl.int32) + cj[None, :],
              mask=row_ok[:, None] & (cj < nk)[None, :])
@@ -233,7 +251,7 @@ def pool_qk_triton(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int)
     BLOCK_D = head_dim_tile(D)
     qb = torch.empty((B, Hq, nq, BLOCK_D), dtype=torch.float32, device=q.device)
     kb = torch.empty((B, Hk, nk, BLOCK_D), dtype=torch.float32, device=q.device)
-    _pool_qk_kernel[(nq + nk, B * max(Hq, Hk))](
+    run(_pool_qk_kernel, (nq + nk, B * max(Hq, Hk)),
         q, k, qb, kb, *q.stride(), *k.stride(), B, Hq, Hk, Nq, Nk, nq, nk, D,
         BQ=block_q, BK=block_k, BLOCK_D=BLOCK_D, num_warps=_pool_warps(max(block_q, block_k) * BLOCK_D))
     return qb, kb
@@ -244,27 +262,39 @@ def _pool_warps(tile: int) -> int:
     return min(8, triton.next_power_of_2(max(1, tile // POOL_TILE_PER_WARP)))
 
 
-def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None):
-    """Three launches: pool q and k, block scores, selection. Returns (kv_num_blocks, kv_indices).
-    kv_keep: None or a (B, Nk) bool key-padding mask (key blocks of padding alone are hidden)."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
-    qb, kb = pool_qk_triton(q, k, block_q, block_k)
-    interp = not q.is_cuda
-    scores = torch.empty((B, Hq, nq, nk), dtype=torch.float32, device=q.device)
+def block_scores_triton(qb: torch.Tensor, kb: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, Hq, nq, nk) fp32 block scores from pooled q (B, Hq, nq, T) and k (B, Hkv, nk, T), one launch."""
+    B, Hq, nq, _ = qb.shape
+    Hkv, nk = kb.shape[1], kb.shape[2]
+    interp = not qb.is_cuda
+    scores = torch.empty((B, Hq, nq, nk), dtype=torch.float32, device=qb.device)
     TILE = 64 if not interp else max(16, min(64, triton.next_power_of_2(max(nq, nk))))
-    _score_kernel[(cdiv(nq, TILE), cdiv(nk, TILE), B * Hq)](
+    run(_score_kernel, (cdiv(nq, TILE), cdiv(nk, TILE), B * Hq),
         qb, kb, scores, float(scale), Hq, Hq // Hkv, nq, nk, TILE=TILE, BLOCK_D=qb.shape[-1],
-        PREC="tf32x3" if q.is_cuda else "ieee", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
+        PREC="ieee" if interp else "tf32x3", num_warps=4)  # 3xTF32: fp32-accurate, on tensor cores
+    return scores
+
+
+def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, *,
+                        pooled=None, knobs=None, counter=None):
+    """Three launches: pool q and k, block scores, selection. Returns (kv_num_blocks, kv_indices).
+    kv_keep: None or a (B, Nk) bool key-padding mask (key blocks of padding alone are hidden).
+    pooled: None, or (qb, kb) already pooled (:func:`pool_qk_triton`'s layout): the pooling
+    launch is skipped. knobs, counter: see :func:`select_triton`."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    qb, kb = pool_qk_triton(q, k, block_q, block_k) if pooled is None else pooled
+    scores = block_scores_triton(qb, kb, scale)
     key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
-    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, key_vis=key_vis)
+    return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, key_vis=key_vis,
+                         knobs=knobs, counter=counter)
 
 
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
-                  num_warps=None, key_vis=None):
+                  num_warps=None, key_vis=None, knobs=None, counter=None):
     """Hybrid selection on (B, H, nq, nk) block scores: (kv_num_blocks, kv_indices). Tuning knobs (the
-    kernel-tuning benchmark sets them): block_m query blocks per program, num_warps."""
+    kernel-tuning benchmark sets them): block_m query blocks per program, num_warps.
+    knobs: None, or a float32 [topk, topp] device tensor used instead of topk, topp.
+    counter: None, or an int64 [kept, visible, calls] device tensor the kernel adds to."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not scores.is_cuda
@@ -277,9 +307,11 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
         BLOCK_M = block_m
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=scores.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=scores.device)
-    _select_kernel[(cdiv(nq, BLOCK_M), B * Hq)](
-        scores, num, idx, num if key_vis is None else key_vis.contiguous(), float(topk), float(topp),
+    run(_select_kernel, (cdiv(nq, BLOCK_M), B * Hq),
+        scores, num, idx, num if key_vis is None else key_vis.contiguous(), num if knobs is None else knobs,
+        num if counter is None else counter, float(topk), float(topp),
         Hq, Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise, HAS_KEEP=key_vis is not None,
+        HAS_KNOBS=knobs is not None, COUNT=counter is not None,
         num_warps=num_warps or (4 if pairwise or interp else max(1, NK_P2 // SELECT_WARP_ELEMS)))
     return num, idx

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import run
+
 
 @triton.jit
 def _scatter_kernel(KvNum, KvIdx, DenseT, nq, nk, NK_P2: tl.constexpr):
@@ -49,8 +51,10 @@ def transpose_indices_triton(num: torch.Tensor, idx: torch.Tensor, nk: int):
     dense_t = torch.zeros((B, H, nk, nq), dtype=torch.int8, device=num.device)
     q_num = torch.empty((B, H, nk), dtype=torch.int32, device=num.device)
     q_idx = torch.empty((B, H, nk, nq), dtype=torch.int32, device=num.device)
-    _scatter_kernel[(nq, B * H)](num, idx, dense_t, nq, nk, NK_P2=triton.next_power_of_2(nk), num_warps=4)
-    _compact_kernel[(nk, B * H)](dense_t, q_num, q_idx, nq, nk, NQ_P2=triton.next_power_of_2(nq), num_warps=4)
+    run(_scatter_kernel, (nq, B * H), num, idx, dense_t, nq, nk,
+        NK_P2=triton.next_power_of_2(nk), num_warps=4)
+    run(_compact_kernel, (nk, B * H), dense_t, q_num, q_idx, nq, nk,
+        NQ_P2=triton.next_power_of_2(nq), num_warps=4)
     return q_num, q_idx
 
 

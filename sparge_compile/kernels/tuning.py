@@ -19,9 +19,11 @@ defaults by its tile: the tile, not D, sets registers and shared memory.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -77,6 +79,36 @@ def autotuned(kernel, pairs, extra_key=()):
     return triton.autotune(configs=configs, key=KEY + list(extra_key))(kernel)
 
 
+_NATIVE = threading.local()   # .on: launches go through torch.library.wrap_triton (see native())
+
+
+@contextlib.contextmanager
+def native():
+    """Within: every launch is recorded through ``torch.library.wrap_triton``, so a
+    ``triton_op`` traced by torch.compile puts the launch itself into Inductor's generated code
+    (no Python op at run time). No autotuner runs there (it cannot time fake tensors): the
+    process's earlier pick for the key, else the fixed default."""
+    prev = getattr(_NATIVE, "on", False)
+    _NATIVE.on = True
+    try:
+        yield
+    finally:
+        _NATIVE.on = prev
+
+
+def is_native() -> bool:
+    return getattr(_NATIVE, "on", False)
+
+
+def run(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)``, through ``wrap_triton`` inside :func:`native`."""
+    if is_native():
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)[grid](*args, **meta)
+    return kernel[grid](*args, **meta)
+
+
 def launch(kernel, tuner, grid, x, args, meta, warps=None, stages=None, fixed=(4, 2)):
     """Launch ``kernel`` on ``grid``. On CUDA (unless AUTOTUNE is off or warps/stages are given)
     the first launch per key on a large enough grid goes through ``tuner`` (timing every
@@ -87,13 +119,13 @@ def launch(kernel, tuner, grid, x, args, meta, warps=None, stages=None, fixed=(4
         key = (kernel.__name__, tuple(meta.items()), x.dtype, x.device)
         cfg = _PICKED.get(key)
         if cfg is not None:
-            kernel[grid](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            run(kernel, grid, *args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-        if math.prod(grid) >= MIN_TUNE_PER_SM * _sm_count(x.device):
+        if not is_native() and math.prod(grid) >= MIN_TUNE_PER_SM * _sm_count(x.device):
             tuner[grid](*args, **meta)
             _PICKED[key] = _prefer_fixed(tuner, fixed)
             return
-    kernel[grid](*args, **meta, num_warps=warps or fixed[0], num_stages=stages or fixed[1])
+    run(kernel, grid, *args, **meta, num_warps=warps or fixed[0], num_stages=stages or fixed[1])
 
 
 def _prefer_fixed(tuner, fixed):
@@ -122,4 +154,5 @@ def best_configs() -> dict:
     return out
 
 
-__all__ = ["AUTOTUNE", "autotuned", "launch", "best_configs", "fit_stages", "head_dim_tile"]
+__all__ = ["AUTOTUNE", "autotuned", "launch", "native", "is_native", "run", "best_configs", "fit_stages",
+           "head_dim_tile"]

@@ -112,7 +112,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
         info.rewritten, info.reason = site.rewrite, site.reason
         if site.rewrite:
             key, info.state = site_ops.new_site(f"{graph_name}/{site.name}", cfg)
-            rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner)
+            rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner, state=info.state)
             info.key, info.block_q, info.block_k = key, cfg.block_q, cfg.block_k
         report.sites.append(info)
     if replaced:

@@ -35,11 +35,20 @@ class SiteReport:
     @property
     def calls(self) -> int:
         st = self.state
-        return st.calls if st is not None else 0
+        if st is None:
+            return 0
+        measured = st.measured()
+        return st.calls if measured is None else measured[2]
 
     @property
     def sparsity(self) -> float | None:
-        """1 - kept / visible block pairs of the last mask this site used (None before a run)."""
+        """1 - kept / visible block pairs of the last mask this site used (None before a run); for
+        a site on the native path (no mask kept), over all of its calls so far."""
+        st = self.state
+        measured = None if st is None else st.measured()
+        if measured is not None:
+            kept, vis, _ = measured
+            return None if vis == 0 else 1.0 - kept / vis
         m = self.block_mask()
         return None if m is None else m.sparsity()
 

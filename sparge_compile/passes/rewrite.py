@@ -1,10 +1,14 @@
 """Replace matched attention sites by calls of the sparse op, then dead-code elimination."""
 from __future__ import annotations
 
+import re
+
+import torch
 from torch import fx
 
 from .. import site_ops
 from ..config import SpargeConfig
+from .canonical import example_value
 from .matcher import AttentionMatch, Operand
 
 
@@ -15,14 +19,30 @@ def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
     return graph.call_method("permute", (node, *op.perm))
 
 
+def device_buffers(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
+                   state) -> dict:
+    """The site's knobs and counter (see :class:`~sparge_compile.site_ops.SiteState`) as buffers of
+    ``gm`` on the site's device, for the native path; {} where that path cannot run."""
+    ev = example_value(site.q.node) if site.q is not None else None
+    if state is None or not isinstance(ev, torch.Tensor) or ev.device.type not in site_ops.NATIVE_DEVICES:
+        return {}
+    name = "_sparge_" + re.sub(r"\W", "_", key)
+    state.knobs = torch.tensor([config.topk, config.topp], dtype=torch.float32, device=ev.device)
+    state.counter = torch.zeros(3, dtype=torch.int64, device=ev.device)
+    gm.register_buffer(name + "_knobs", state.knobs)
+    gm.register_buffer(name + "_counter", state.counter)
+    return {"knobs": gm.graph.get_attr(name + "_knobs"), "counter": gm.graph.get_attr(name + "_counter")}
+
+
 def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
                  replaced: dict | None = None, capture: bool = False,
-                 owner: fx.Node | None = None) -> fx.Node:
+                 owner: fx.Node | None = None, state=None) -> fx.Node:
     """Insert the sparse call before the site's anchor and route the anchor's users to it.
 
     replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
     capture: call the calibration capture op (dense attention, q/k/v reported) instead.
     owner: a placeholder holding a parameter of the compiled model (tags the site's calls).
+    state: the site's SiteState (its device buffers are made here, see :func:`device_buffers`).
     """
     graph = gm.graph
     anchor = site.anchor
@@ -42,10 +62,12 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
             fn = site_ops.site_capture_attention if capture else site_ops.site_attention
+            kwargs = {} if capture else device_buffers(gm, site, config, key, state)
+            if site.key_padding is not None:
+                kwargs["kv_keep"] = resolve(site.key_padding)
             new = graph.call_function(fn, (
                 q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
-                config.block_k, key, owner),
-                {"kv_keep": resolve(site.key_padding)} if site.key_padding is not None else None)
+                config.block_k, key, owner), kwargs or None)
             if site.out_perm is not None:
                 new = graph.call_method("permute", (new, *site.out_perm))
     new.meta.update({k: v for k, v in anchor.meta.items() if k in ("stack_trace", "nn_module_stack",

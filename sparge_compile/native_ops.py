@@ -1,0 +1,89 @@
+"""The sparse attention as ops whose kernel launches Inductor emits itself (CUDA).
+
+Registered with ``torch.library.triton_op``: torch.compile traces their bodies, so each Triton
+launch (recorded through ``wrap_triton``, see :func:`.kernels.tuning.native`) lands in
+Inductor's generated code, with no Python op dispatch per call at run time. The rewritten graph
+pools q and k with plain tensor ops (:func:`pool_blocks`), where Inductor can fuse the block
+means into whatever produced q and k; scores and selection follow in two launches.
+
+* ``sparge::native_block_mask`` (qb, kb, knobs, counter, ...) -> (kv_num_blocks, kv_indices);
+  topk/topp are read from ``knobs`` (float32 [topk, topp], a device tensor: set_config changes
+  it in place, no recompile), and ``counter`` (int64 [kept pairs, visible pairs, calls]) is
+  added to on the device (the report reads it when asked; nothing syncs on the hot path).
+* ``sparge::native_attention`` (q, k, v, kv_num_blocks, kv_indices, ...) -> (out, lse), with
+  its backward ``sparge::native_attention_backward``.
+
+The eager and CPU paths keep :mod:`.ops` (Python custom ops); the numbers are the same kernels'.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from .kernels import tuning
+from .reference import cdiv, key_blocks_visible
+
+
+def pool_blocks(x: Tensor, block: int, tile: int) -> Tensor:
+    """(B, H, N, D) -> (B, H, ceil(N / block), tile) fp32: the mean of each block's real tokens,
+    the head dim zero-padded to ``tile`` (the layout the score kernel reads). Plain tensor ops."""
+    B, H, N, D = x.shape
+    nb = cdiv(N, block)
+    xs = F.pad(x.float(), (0, tile - D, 0, nb * block - N)).reshape(B, H, nb, block, tile).sum(3)
+    counts = (N - torch.arange(nb, device=x.device) * block).clamp(max=block).to(torch.float32)
+    return xs / counts[:, None]
+
+
+@triton_op("sparge::native_block_mask", mutates_args={"counter"})
+def native_block_mask(qb: Tensor, kb: Tensor, knobs: Tensor, counter: Tensor, q_len: int, kv_len: int,
+                      scale: float, is_causal: bool, mode: str, block_q: int, block_k: int,
+                      kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    from .kernels.mask import block_scores_triton, select_triton
+
+    with tuning.native():
+        scores = block_scores_triton(qb, kb, scale)
+        key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
+        return select_triton(scores, q_len, kv_len, is_causal, 0.0, 0.0, mode, block_q, block_k,
+                             key_vis=key_vis, knobs=knobs, counter=counter)
+
+
+@triton_op("sparge::native_attention", mutates_args={})
+def native_attention(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                     scale: float, is_causal: bool, block_q: int, block_k: int,
+                     kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    from .kernels.forward import attention_fwd_triton
+
+    with tuning.native():
+        return attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
+                                    kv_keep=kv_keep)
+
+
+@triton_op("sparge::native_attention_backward", mutates_args={})
+def native_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              kv_num_blocks: Tensor, kv_indices: Tensor, scale: float, is_causal: bool,
+                              block_q: int, block_k: int,
+                              kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    from .kernels.backward import attention_bwd_triton
+
+    with tuning.native():
+        return attention_bwd_triton(dout.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices, scale,
+                                    is_causal, block_q, block_k, kv_keep=kv_keep)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k = inputs[:9]
+    kv_keep = inputs[9] if len(inputs) > 9 else None
+    ctx.save_for_backward(q, k, v, *output, kv_num_blocks, kv_indices, kv_keep)
+    ctx.args = (scale, is_causal, block_q, block_k)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_num_blocks, kv_indices, kv_keep = ctx.saved_tensors
+    dq, dk, dv = native_attention_backward(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, *ctx.args,
+                                           kv_keep)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+native_attention.register_autograd(_backward, setup_context=_setup_context)
