@@ -27,10 +27,10 @@ from typing import NamedTuple
 import torch
 
 from .. import reference as R
+from ..validate import PRECISIONS  # noqa: F401  (re-exported: the forward's arithmetics)
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-PRECISIONS = ("bf16", "fp8", "int8")
 QK_KINDS = ("fp8", "int8")
 
 
