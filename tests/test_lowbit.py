@@ -12,18 +12,17 @@ import triton.language as tl
 
 import sparge_compile as sc
 from bench.data import structured_qkv
+
+# (rel error, cosine) against exact attention on the same mask, per precision and inputs: the
+# issue's target is 3e-2 / 0.999; FP8 on zero-mean random data misses it (e4m3 has 3 mantissa
+# bits: ~3.6% per element of Q, K, P and V; measured 4.8-5.2e-2, cosine 0.9987), so its bound
+# there is what it measures. Structured (model-like) inputs meet the target with both.
+from bench.tools.lowbit import BOUNDS  # noqa: E402
 from sparge_compile import ops
 from sparge_compile.kernels import quant as Q
 from sparge_compile.kernels import torch_impl
 from sparge_compile.kernels.quant_triton import round_e4m3
 from sparge_compile.ops_lowbit import block_sparse_attention_lowbit_op
-
-# (rel error, cosine) the low-bit forward meets against exact attention on the same mask. The
-# issue's target is 3e-2 / 0.999; FP8 on zero-mean random data misses it (e4m3 has 3 mantissa
-# bits: ~3.6% per element of Q, K, P and V; measured 4.8-5.2e-2, cosine 0.9987), so its bound there
-# is what it measures. Structured (model-like) inputs meet the target with both precisions.
-BOUNDS = {("int8", "random"): (3e-2, 0.999), ("fp8", "random"): (6e-2, 0.998),
-          ("int8", "structured"): (3e-2, 0.999), ("fp8", "structured"): (3e-2, 0.999)}
 
 
 def rel(a, b) -> float:
