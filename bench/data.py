@@ -40,6 +40,29 @@ def random_qkv(B: int, H: int, N: int, D: int, device, dtype, seed: int = 0,
     return tuple(randn((B, H, N, D), device, dtype, seed + i, requires_grad) for i in range(3))
 
 
+def structured_qkv(B: int, Hq: int, Hkv: int, N: int, D: int, device, dtype, seed: int = 0,
+                   logit_std: float = 3.0, big: float = 4.0):
+    """q, k, v shaped like a trained model's, the hard case for low-bit attention: q and k share a
+    rank-4 component (per-token coefficients) plus noise and a per-token offset; channels 0-2 are
+    ``big`` times larger (outlier channels); k has a bias over the sequence (what K smoothing
+    removes); v has a per-channel mean. q is scaled so the scores scale·q·kᵀ have std logit_std."""
+    g = generator(torch.device("cpu"), seed)
+    basis = torch.randn(4, D, generator=g)
+
+    def tokens(H):
+        x = (torch.randn(B, H, N, 4, generator=g) @ basis + torch.randn(B, H, N, D, generator=g)
+             + torch.randn(B, H, N, 1, generator=g))
+        x[..., :3] *= big
+        return x
+
+    q, k = tokens(Hq), tokens(Hkv)
+    s = (q[:, :, :512] @ k.repeat_interleave(Hq // Hkv, 1)[:, :, :512].transpose(-1, -2)).std() * D ** -0.5
+    q = q * (logit_std / s)
+    k = k + 2.0 * torch.randn(B, Hkv, 1, D, generator=g)
+    v = torch.randn(B, Hkv, N, D, generator=g) + torch.randn(B, Hkv, 1, D, generator=g)
+    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic attention inputs (video-like tokens on a T x H x W grid)
 

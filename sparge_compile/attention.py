@@ -6,7 +6,7 @@ import torch
 from . import kernels, ops
 from .block_mask import SpargeBlockMask
 from .config import DEFAULT_CONFIG, SpargeConfig
-from .validate import check_block_mask, check_flag, check_kv_keep, check_qkv
+from .validate import check_block_mask, check_flag, check_kv_keep, check_precision, check_qkv
 
 
 def _config(config: SpargeConfig | None) -> SpargeConfig:
@@ -46,7 +46,13 @@ def _predict(q, k, scale, is_causal, cfg, kv_keep=None):
     return kernels.predict_mask(*args)
 
 
-def _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
+def _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
+            precision="bf16"):
+    if precision != "bf16":  # the low-bit forward, its bf16 gradient (QAT): always through its op
+        from .ops_lowbit import block_sparse_attention_lowbit_op
+
+        return block_sparse_attention_lowbit_op(q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal),
+                                                block_q, block_k, precision, kv_keep)[0]
     args = (q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k, kv_keep)
     if torch.compiler.is_compiling():
         return ops.block_sparse_attention_op(*args)[0]
@@ -79,7 +85,7 @@ def predict_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float | None = N
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      is_causal: bool = False, config: SpargeConfig | None = None,
                      block_mask: SpargeBlockMask | None = None, return_mask: bool = False,
-                     kv_keep: torch.Tensor | None = None):
+                     kv_keep: torch.Tensor | None = None, precision: str | None = None):
     """Block-sparse attention with the hybrid Top-k + Top-p mask, a drop-in for SDPA.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq % Hkv == 0; fp16, bf16 or fp32;
@@ -88,8 +94,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     block_mask: use this mask instead of predicting one. return_mask: also return the mask.
     kv_keep: None, or a (B, Nk) bool key-padding mask, True where a key is attended (see
     :func:`predict_block_mask`); hidden keys are masked element-wise, a row that sees no key gives 0.
+    precision: None (the config's), "bf16", or a low-bit forward, "fp8" / "int8" (see
+    :class:`SpargeConfig`): then the output is the low-bit approximation of that attention
+    (relative error ~1e-2 .. 4e-2) and the gradient the bf16 one of the same masked attention.
     """
     cfg = _config(config)
+    precision = cfg.precision if precision is None else check_precision("precision", precision)
     check_flag("is_causal", is_causal)
     check_flag("return_mask", return_mask)
     scale = check_qkv(q, k, v, scale)
@@ -101,7 +111,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         check_block_mask(block_mask, q, k)
         kv_num_blocks, kv_indices = block_mask.kv_num_blocks, block_mask.kv_indices
         bq, bk = block_mask.block_q, block_mask.block_k
-    out = _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, bq, bk, kv_keep)
+    out = _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, bq, bk, kv_keep, precision)
     if return_mask:
         mask = block_mask if block_mask is not None else SpargeBlockMask(
             kv_num_blocks, kv_indices, q.shape[2], k.shape[2], bq, bk, bool(is_causal))._trusted()

@@ -11,10 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .validate import HEAD_DIMS_SUPPORTED, _is_pow2, check_flag, check_int, head_dim_ok, is_int, is_real
+from .validate import (
+    HEAD_DIMS_SUPPORTED,
+    PRECISIONS,
+    _is_pow2,
+    check_flag,
+    check_int,
+    check_precision,
+    head_dim_ok,
+    is_int,
+    is_real,
+)
 
-__all__ = ["GRID_TOPK", "GRID_TOPP", "HEAD_DIMS_SUPPORTED", "MODES", "CalibrateConfig", "DistillConfig",
-           "SpargeConfig", "head_dim_ok", "settings_from_arguments"]   # head dims: from validate
+__all__ = ["GRID_TOPK", "GRID_TOPP", "HEAD_DIMS_SUPPORTED", "MODES", "PRECISIONS", "CalibrateConfig",
+           "DistillConfig", "SpargeConfig", "head_dim_ok",
+           "settings_from_arguments"]   # head dims and precisions: from validate
 
 MODES = ("hybrid", "topk", "topp")
 
@@ -42,6 +53,10 @@ class SpargeConfig(_Replace):
     theta: SpargeAttn's self-similarity judge, None (off) or a threshold in [-1, 1]: a query or
            key block whose tokens' mean pairwise cosine similarity is below theta is badly
            summarised by its mean, so it is never dropped (its row / column is kept whole).
+    precision: the forward's arithmetic: "bf16" (q's own dtype, the default), "fp8" (FP8 e4m3
+           Q·Kᵀ and P·V) or "int8" (INT8 Q·Kᵀ, P·V in q's dtype); K smoothed, per-block scales
+           (kernels/quant.py). The backward is the bf16 gradient of the same masked attention
+           either way (quantization-aware training).
     """
 
     topk: float = 0.03
@@ -51,8 +66,10 @@ class SpargeConfig(_Replace):
     mode: str = "hybrid"
     min_seq_len: int = 1024
     theta: float | None = None
+    precision: str = "bf16"
 
     def __post_init__(self):
+        check_precision("SpargeConfig.precision", self.precision)
         for name in ("topk", "topp"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)):

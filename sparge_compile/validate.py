@@ -12,6 +12,7 @@ import torch
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
 HEAD_DIMS_SUPPORTED = f"a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM}"
+PRECISIONS = ("bf16", "fp8", "int8")  # the forward's arithmetic: bf16 (q's dtype), or low-bit Q·Kᵀ
 
 
 def head_dim_ok(d) -> bool:
@@ -46,6 +47,15 @@ def check_flag(name: str, value) -> bool:
     """A bool argument (a string such as "False" would read as True)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_precision(name: str, value) -> str:
+    """One of :data:`PRECISIONS` (the forward's arithmetic)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {PRECISIONS}, got {type(value).__name__} {value!r}")
+    if value not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
     return value
 
 

@@ -4,6 +4,8 @@ the chunked PyTorch implementation in :mod:`torch_impl`.
 * :mod:`.mask`      Triton mask prediction: block pooling, block scores, hybrid Top-k+Top-p
 * :mod:`.forward`   Triton sparse forward (online softmax over the kept key blocks)
 * :mod:`.backward`  Triton sparse backward (dQ; dK/dV over the transposed index)
+* :mod:`.forward_lowbit`, :mod:`.quant_triton`  the low-bit (FP8 / INT8) forward and its
+  quantization pass; :mod:`.quant` their math, float64 reference and CPU path
 """
 from __future__ import annotations
 
@@ -65,3 +67,17 @@ def attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_
                                     block_q, block_k, kv_keep=kv_keep)
     return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal,
                                     block_q, block_k, kv_keep)
+
+
+def attention_fwd_lowbit(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, precision,
+                         kv_keep=None):
+    """The low-bit forward ("fp8" or "int8"): (out in q's dtype, lse float32)."""
+    if use_triton(q):
+        from .forward_lowbit import attention_fwd_lowbit_triton
+
+        return attention_fwd_lowbit_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
+                                           block_k, precision, kv_keep=kv_keep)
+    from .quant import lowbit_attention_torch
+
+    return lowbit_attention_torch(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
+                                  precision, kv_keep)

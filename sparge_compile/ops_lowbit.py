@@ -1,0 +1,47 @@
+"""The low-bit sparse attention op and its quantization-aware (QAT) backward.
+
+* ``sparge::block_sparse_attention_lowbit`` (q, k, v, kv_num_blocks, kv_indices, ..., precision)
+  -> (out, lse): the FP8 / INT8 forward (:mod:`.kernels.forward_lowbit`; on the CPU without
+  Triton's interpreter its PyTorch simulation, :mod:`.kernels.quant`).
+
+Its gradient is the bf16 gradient of the same masked attention (a straight-through estimate, as
+SLA2 trains its low-bit forward): :func:`.ops.block_sparse_attention_backward_op` on the same mask,
+fed the low-bit forward's out and log-sum-exp. So fine-tuning (``distill()``) under a low-bit
+config adapts the model to the forward it will run. The mask and lse are not differentiated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels, ops
+
+
+@torch.library.custom_op("sparge::block_sparse_attention_lowbit", mutates_args=())
+def block_sparse_attention_lowbit_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor,
+                                     kv_indices: Tensor, scale: float, is_causal: bool, block_q: int,
+                                     block_k: int, precision: str,
+                                     kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return kernels.attention_fwd_lowbit(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
+                                        block_k, precision, kv_keep)
+
+
+@block_sparse_attention_lowbit_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, precision, kv_keep=None):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+def _setup_context(ctx, inputs, output):
+    """The bf16 op's context (the same saved tensors), ``precision`` left out."""
+    ops._setup_context(ctx, inputs[:9] + inputs[10:], output)
+
+
+def _backward(ctx, dout, dlse):
+    """The bf16 op's backward (:func:`ops.block_sparse_attention_backward_op`); no gradient for
+    ``precision``."""
+    return (*ops._backward(ctx, dout, dlse), None)
+
+
+block_sparse_attention_lowbit_op.register_autograd(_backward, setup_context=_setup_context)
