@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import sparge_compile as sc
 from sparge_compile import native_ops, ops, site_ops
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs Triton's interpreter")
 CFG = sc.SpargeConfig(topk=0.3, topp=0.0, block_q=32, block_k=16, min_seq_len=0)
 
 
@@ -51,8 +52,9 @@ def test_native_site_matches_python_ops_and_counts(native_on_cpu, causal):
         y = cm(x, causal)
         y = cm(x, causal)   # two calls: the counter sums both
         q, k, v = _qkv(model, x)
-    num, idx = ops.predict_block_mask_op(q, k, q.shape[-1] ** -0.5, causal, CFG.topk, CFG.topp, CFG.mode, 32, 16)
-    ref, _ = ops.block_sparse_attention_op(q, k, v, num, idx, q.shape[-1] ** -0.5, causal, 32, 16)
+    scale = q.shape[-1] ** -0.5
+    num, idx = ops.predict_block_mask_op(q, k, scale, causal, CFG.topk, CFG.topp, CFG.mode, 32, 16)
+    ref, _ = ops.block_sparse_attention_op(q, k, v, num, idx, scale, causal, 32, 16)
     torch.testing.assert_close(y, ref.transpose(1, 2).flatten(2), rtol=1e-5, atol=1e-5)
     (site,) = [s for g in be.graphs for s in g.sites if s.rewritten]
     assert site.state.native and site.state.kv_num_blocks is None   # no mask reference kept
