@@ -6,10 +6,12 @@ Inductor's generated code, with no Python op dispatch per call at run time. The 
 pools q and k with plain tensor ops (:func:`pool_blocks`), where Inductor can fuse the block
 means into whatever produced q and k; scores and selection follow in two launches.
 
-* ``sparge::native_block_mask`` (qb, kb, knobs, counter, ...) -> (kv_num_blocks, kv_indices);
-  topk/topp are read from ``knobs`` (float32 [topk, topp], a device tensor: set_config changes
-  it in place, no recompile), and ``counter`` (int64 [kept pairs, visible pairs, calls]) is
-  added to on the device (the report reads it when asked; nothing syncs on the hot path).
+* ``sparge::native_block_mask`` (qb, kb, ..., knobs, counter) -> (kv_num_blocks, kv_indices);
+  topk/topp are read from the site's ``knobs`` (float32 [topk, topp] on the device: set_config
+  changes it in place, no recompile) and the site's ``counter`` (int64 [kept pairs, visible
+  pairs, calls]) is added to on the device (the report reads it when asked; nothing syncs on the
+  hot path). Both are passed as addresses (constants of the compiled code, CUDA-graph safe); the
+  tensors are kept alive for the life of the process (:data:`_KEEP`, 24 bytes a site).
 * ``sparge::native_attention`` (q, k, v, kv_num_blocks, kv_indices, ...) -> (out, lse), with
   its backward ``sparge::native_attention_backward``.
 
@@ -36,10 +38,21 @@ def pool_blocks(x: Tensor, block: int, tile: int) -> Tensor:
     return xs / counts[:, None]
 
 
-@triton_op("sparge::native_block_mask", mutates_args={"counter"})
-def native_block_mask(qb: Tensor, kb: Tensor, knobs: Tensor, counter: Tensor, q_len: int, kv_len: int,
-                      scale: float, is_causal: bool, mode: str, block_q: int, block_k: int,
-                      kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+_KEEP: list = []   # every site's knobs and counter: compiled code may hold their addresses
+
+
+def device_buffers(topk: float, topp: float, device) -> tuple[Tensor, Tensor]:
+    """A site's knobs (float32 [topk, topp]) and counter (int64 zeros(3)) on ``device``, kept alive."""
+    knobs = torch.tensor([topk, topp], dtype=torch.float32, device=device)
+    counter = torch.zeros(3, dtype=torch.int64, device=device)
+    _KEEP.append((knobs, counter))
+    return knobs, counter
+
+
+@triton_op("sparge::native_block_mask", mutates_args={})
+def native_block_mask(qb: Tensor, kb: Tensor, q_len: int, kv_len: int, scale: float, is_causal: bool,
+                      mode: str, block_q: int, block_k: int, kv_keep: Tensor | None, knobs: int,
+                      counter: int) -> tuple[Tensor, Tensor]:
     from .kernels.mask import block_scores_triton, select_triton
 
     with tuning.native():

@@ -180,12 +180,12 @@ def _key_padding(kv_keep, q: Tensor, k: Tensor):
     return keep.expand(q.shape[0], k.shape[2])
 
 
-def _native(q: Tensor, st: SiteState, knobs) -> bool:
-    return (knobs is not None and q.device.type in NATIVE_DEVICES and st.config.theta is None
+def _native(q: Tensor, st: SiteState) -> bool:
+    return (st.knobs is not None and q.device.type in NATIVE_DEVICES and st.config.theta is None
             and st.hook is None)
 
 
-def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st, knobs, counter):
+def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
     """The site through :mod:`.native_ops`: pooling as graph ops, two launches for the mask."""
     from . import native_ops
     from .kernels.tuning import head_dim_tile
@@ -194,29 +194,28 @@ def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st, knobs, coun
     tile = head_dim_tile(q.shape[-1])
     qb = native_ops.pool_blocks(q.detach(), block_q, tile)
     kb = native_ops.pool_blocks(k.detach(), block_k, tile)
-    mask = native_ops.native_block_mask(qb, kb, knobs, counter, q.shape[2], k.shape[2], scale, causal,
-                                        st.config.mode, block_q, block_k, keep)
+    mask = native_ops.native_block_mask(qb, kb, q.shape[2], k.shape[2], scale, causal, st.config.mode,
+                                        block_q, block_k, keep, st.knobs.data_ptr(), st.counter.data_ptr())
     out, _ = native_ops.native_attention(q, k, v, *mask, scale, causal, block_q, block_k, keep)
     return out
 
 
 def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
-                   block_k: int, site: str, owner: Tensor | None = None, kv_keep=None, knobs=None,
-                   counter=None) -> Tensor:
+                   block_k: int, site: str, owner: Tensor | None = None, kv_keep=None) -> Tensor:
     """Sparse attention for a site: q (..., Nq, D), k/v (..., Nk, D), rank 3 or 4.
 
     scale_parts: factors whose product is the softmax scale (a symbolic size is allowed: then
     q is pre-scaled and the op runs with scale 1, which is the same function).
     owner: a parameter of the model the graph belongs to (tells ``explain`` which model ran it).
     kv_keep: the site's key-padding mask ((B | 1, 1, 1, Nk) bool, True: the key is seen), or None.
-    knobs, counter: the site's device buffers (see :class:`SiteState`); given, on a device in
-    NATIVE_DEVICES, the site runs through :mod:`.native_ops` (its mode and theta fixed here).
+    A site with device buffers (``SiteState.knobs``, made by the rewrite for a device in
+    NATIVE_DEVICES) runs through :mod:`.native_ops`; its mode and theta are fixed here.
     """
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
     causal, keep = bool(is_causal), _key_padding(kv_keep, q, k)
     st = _state(site)
-    if _native(q, st, knobs):
-        out = _native_site(q, k, v, scale, causal, keep, block_q, block_k, st, knobs, counter)
+    if _native(q, st):
+        out = _native_site(q, k, v, scale, causal, keep, block_q, block_k, st)
         return out.squeeze(0) if squeeze else out
     mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner), keep)
     out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, keep)

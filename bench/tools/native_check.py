@@ -120,7 +120,9 @@ def prediction(res, N=32768, H=12, D=128):
     counter = torch.zeros(3, dtype=torch.int64, device="cuda")
     qb, kb = native_ops.pool_blocks(q, 128, D), native_ops.pool_blocks(k, 64, D)
     res["native_scores_select_ms"] = triton.testing.do_bench(
-        lambda: native_ops.native_block_mask(qb, kb, knobs, counter, N, N, scale, False, "hybrid", 128, 64))
+        lambda: native_ops.native_block_mask(qb, kb, N, N, scale, False, "hybrid", 128, 64, None,
+                                             knobs.data_ptr(), counter.data_ptr()))
+    _select_sweep(res, qb, kb, scale, N)
     cos = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
 
     def rope(x):
@@ -132,7 +134,8 @@ def prediction(res, N=32768, H=12, D=128):
     def producer_and_mask(a, b):
         qa, kb_ = rope(a), rope(b)
         pooled = native_ops.pool_blocks(qa, 128, D), native_ops.pool_blocks(kb_, 64, D)
-        m = native_ops.native_block_mask(*pooled, knobs, counter, N, N, scale, False, "hybrid", 128, 64)
+        m = native_ops.native_block_mask(*pooled, N, N, scale, False, "hybrid", 128, 64, None,
+                                         knobs.data_ptr(), counter.data_ptr())
         return qa, kb_, m
 
     f1, f2 = torch.compile(producer_only), torch.compile(producer_and_mask)
@@ -142,6 +145,27 @@ def prediction(res, N=32768, H=12, D=128):
     num, idx = f2(q, k)[2]
     ref = ops.predict_block_mask_op(rope(q), rope(k), scale, False, 0.05, 0.0, "hybrid", 128, 64)
     res["mask_kept_native"], res["mask_kept_ops"] = int(num.sum()), int(ref[0].sum())
+
+
+def _select_sweep(res, qb, kb, scale, N):
+    """The two launches apart, and the selection over its launch settings."""
+    from sparge_compile.kernels.mask import block_scores_triton, select_triton
+
+    res["scores_ms"] = triton.testing.do_bench(lambda: block_scores_triton(qb, kb, scale))
+    s = block_scores_triton(qb, kb, scale)
+    sweep = {}
+    for bm in (1, 2, 4, 8, 16):
+        for w in (1, 2, 4, 8):
+            try:
+                sweep[f"m{bm} w{w}"] = triton.testing.do_bench(lambda: select_triton(
+                    s, N, N, False, 0.05, 0.0, "hybrid", 128, 64, block_m=bm, num_warps=w))
+            except Exception as e:  # noqa: BLE001
+                sweep[f"m{bm} w{w}"] = repr(e)[:200]
+    res["select_default_ms"] = triton.testing.do_bench(
+        lambda: select_triton(s, N, N, False, 0.05, 0.0, "hybrid", 128, 64))
+    res["select_hybrid_topp0.2_ms"] = triton.testing.do_bench(
+        lambda: select_triton(s, N, N, False, 0.03, 0.2, "hybrid", 128, 64))
+    res["select_sweep_ms"] = sweep
 
 
 def main(argv=None):

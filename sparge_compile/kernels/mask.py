@@ -198,14 +198,16 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, 
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    MODE: tl.constexpr, PAIRWISE: tl.constexpr, HAS_KEEP: tl.constexpr,
                    HAS_KNOBS: tl.constexpr, COUNT: tl.constexpr):
-    """Knobs (HAS_KNOBS): a float32 [topk, topp] device tensor read instead of the scalars (a
-    compiled graph then follows set_config with no recompile). Counter (COUNT): int64 [kept
-    pairs, visible pairs, calls], added to atomically (the report reads it lazily)."""
+    """Knobs (HAS_KNOBS): the address of a float32 [topk, topp] device tensor read instead of the
+    scalars (a compiled graph then follows set_config with no recompile). Counter (COUNT): the
+    address of an int64 [kept pairs, visible pairs, calls] tensor, added to atomically (the report
+    reads it lazily). Addresses, not tensors: the compiler sees no input it must copy or order."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     if HAS_KNOBS:
-        topk = tl.load(Knobs)
-        topp = tl.load(Knobs + 1)
+        knobs = Knobs.to(tl.pointer_type(tl.float32))
+        topk = tl.load(knobs)
+        topp = tl.load(knobs + 1)
     ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
     cj = tl.arange(0, NK_P2)  # key-block indices
     vis = (cj < nk)[None, :] & (ri < nq)[:, None]
@@ -236,7 +238,7 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, 
     row_ok = ri < nq
     tl.store(KvNum + bh * nq + ri, num, mask=row_ok)
     if COUNT:
-        _count(Counter, num, n_vis, row_ok, (pid == 0) & (bh == 0))
+        _count(Counter.to(tl.pointer_type(tl.int64)), num, n_vis, row_ok, (pid == 0) & (bh == 0))
     tl.store(KvIdx + (bh * nq + ri)[:, None] * nk + out_pos,
              tl.zeros([BLOCK_M, NK_P2], tl.int32) + cj[None, :],
              mask=row_ok[:, None] & (cj < nk)[None, :])
@@ -293,8 +295,9 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
                   num_warps=None, key_vis=None, knobs=None, counter=None):
     """Hybrid selection on (B, H, nq, nk) block scores: (kv_num_blocks, kv_indices). Tuning knobs (the
     kernel-tuning benchmark sets them): block_m query blocks per program, num_warps.
-    knobs: None, or a float32 [topk, topp] device tensor used instead of topk, topp.
-    counter: None, or an int64 [kept, visible, calls] device tensor the kernel adds to."""
+    knobs: None, or the address (data_ptr) of a float32 [topk, topp] device tensor used instead of
+    topk, topp. counter: None, or the address of an int64 [kept, visible, calls] device tensor the
+    kernel adds to. The caller keeps both alive."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not scores.is_cuda
@@ -308,8 +311,8 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=scores.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=scores.device)
     run(_select_kernel, (cdiv(nq, BLOCK_M), B * Hq),
-        scores, num, idx, num if key_vis is None else key_vis.contiguous(), num if knobs is None else knobs,
-        num if counter is None else counter, float(topk), float(topp),
+        scores, num, idx, num if key_vis is None else key_vis.contiguous(), int(knobs or 0),
+        int(counter or 0), float(topk), float(topp),
         Hq, Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise, HAS_KEEP=key_vis is not None,
         HAS_KNOBS=knobs is not None, COUNT=counter is not None,

@@ -1,8 +1,6 @@
 """Replace matched attention sites by calls of the sparse op, then dead-code elimination."""
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import fx
 
@@ -19,19 +17,13 @@ def _operand(graph: fx.Graph, op: Operand, resolve) -> fx.Node:
     return graph.call_method("permute", (node, *op.perm))
 
 
-def device_buffers(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
-                   state) -> dict:
-    """The site's knobs and counter (see :class:`~sparge_compile.site_ops.SiteState`) as buffers of
-    ``gm`` on the site's device, for the native path; {} where that path cannot run."""
+def _device_buffers(site: AttentionMatch, config: SpargeConfig, state) -> None:
+    """Give a site on a device in NATIVE_DEVICES its knobs and counter (the native path's)."""
     ev = example_value(site.q.node) if site.q is not None else None
-    if state is None or not isinstance(ev, torch.Tensor) or ev.device.type not in site_ops.NATIVE_DEVICES:
-        return {}
-    name = "_sparge_" + re.sub(r"\W", "_", key)
-    state.knobs = torch.tensor([config.topk, config.topp], dtype=torch.float32, device=ev.device)
-    state.counter = torch.zeros(3, dtype=torch.int64, device=ev.device)
-    gm.register_buffer(name + "_knobs", state.knobs)
-    gm.register_buffer(name + "_counter", state.counter)
-    return {"knobs": gm.graph.get_attr(name + "_knobs"), "counter": gm.graph.get_attr(name + "_counter")}
+    if state is not None and isinstance(ev, torch.Tensor) and ev.device.type in site_ops.NATIVE_DEVICES:
+        from ..native_ops import device_buffers
+
+        state.knobs, state.counter = device_buffers(config.topk, config.topp, ev.device)
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
@@ -42,7 +34,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
     replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
     capture: call the calibration capture op (dense attention, q/k/v reported) instead.
     owner: a placeholder holding a parameter of the compiled model (tags the site's calls).
-    state: the site's SiteState (its device buffers are made here, see :func:`device_buffers`).
+    state: the site's SiteState (its native-path buffers are made here).
     """
     graph = gm.graph
     anchor = site.anchor
@@ -62,7 +54,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
             fn = site_ops.site_capture_attention if capture else site_ops.site_attention
-            kwargs = {} if capture else device_buffers(gm, site, config, key, state)
+            if not capture:
+                _device_buffers(site, config, state)
+            kwargs = {}
             if site.key_padding is not None:
                 kwargs["kv_keep"] = resolve(site.key_padding)
             new = graph.call_function(fn, (
