@@ -46,6 +46,12 @@ class SiteState:
     record: bool = True   # keep a reference to the last mask (for the report's measured sparsity)
     hook: object = None   # capture sites: fn(key, q, k, v, scale, is_causal) -> out | None
     tags: set = field(default_factory=set)   # data_ptr of a parameter of each model that ran it
+    per_owner: object = None   # fn(state, owner) -> SpargeConfig: a plan applied per module instance
+
+    def config_for(self, owner: Tensor | None) -> SpargeConfig:
+        """This call's config: the site's, or (``per_owner``, see sparge_compile.plan_scope) the
+        choice for the module instance that owns ``owner``. Called before the mask is predicted."""
+        return self.config if self.per_owner is None else self.per_owner(self, owner)
 
     def tag(self, owner: Tensor | None) -> None:
         if owner is not None and len(self.tags) < MAX_TAGS:
@@ -80,7 +86,7 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
                     site: str, owner: Tensor | None = None,
                     kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     st = _state(site)
-    cfg = st.config
+    cfg = st.config_for(owner)
     kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp,
                                                           cfg.mode, block_q, block_k, kv_keep, cfg.theta)
     # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
