@@ -63,16 +63,17 @@ def _graph_name() -> str:
 
 
 def _parameters(gm: torch.fx.GraphModule, example_inputs):
-    """(the graph's parameters, the first placeholder that holds one): which model a graph
-    belongs to. Dynamo lifts parameters to inputs (or keeps them as attributes of ``gm``)."""
+    """(the graph's parameters, the first placeholder that holds one, that parameter): which model
+    a graph belongs to. Dynamo lifts parameters to inputs (or keeps them as attributes of ``gm``)."""
     params = [p for p in gm.parameters()]
-    owner = None
+    owner = owner_param = None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, x in zip(placeholders, example_inputs):
         if isinstance(x, torch.nn.Parameter):
             params.append(x)
-            owner = owner if owner is not None else node
-    return [weakref.ref(p) for p in params], owner
+            if owner is None:
+                owner, owner_param = node, x
+    return [weakref.ref(p) for p in params], owner, owner_param
 
 
 def _check_inner(inner):
@@ -166,8 +167,9 @@ class SpargeBackend:
         config, inner, plan, ind = _apply_options(self.config, self.inner, self.plan, self.inductor_options,
                                                   opts)
         name, code = _graph_name(), _current_code()
-        params, owner = _parameters(gm, example_inputs)
-        gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture, owner=owner)
+        params, owner, owner_param = _parameters(gm, example_inputs)
+        gr = sparsify_graph(gm, config, plan, graph_name=name, code=code, capture=self.capture, owner=owner,
+                            owner_param=owner_param)
         gr.code, gr.params, gr.serial = code, params, next(_SERIAL)
         gr.inner = inner if isinstance(inner, str) else getattr(inner, "__name__", "custom")
         record = bool(opts.get("record_masks", self.record_masks))
@@ -215,6 +217,8 @@ class SpargeBackend:
             st.config = st.config.replace(**changes)
             if st.knobs is not None:
                 st.knobs.copy_(torch.tensor([st.config.topk, st.config.topp], dtype=torch.float32))
+            if st.per_owner is not None:
+                st.per_owner.replace(**changes)
 
     @contextlib.contextmanager
     def capturing(self, fn):

@@ -317,6 +317,26 @@ class SpargePlan:
         return cls._parse(d, str(path))
 
     # ------------------------------------------------------------------ applying it
+    def bind(self, model) -> "SpargePlan":
+        """Tie the plan to the model it names (weakly; ``calibrate`` binds the plan it returns), so
+        that it applies per module instance when blocks are compiled alone, one graph serving
+        every block (diffusers' ``compile_repeated_blocks``; see :mod:`sparge_compile.plan_scope`).
+        Returns the plan."""
+        from .plan_scope import ParamIndex
+
+        self._index = ParamIndex(getattr(model, "_orig_mod", model))
+        return self
+
+    @property
+    def index(self):
+        """The :class:`~sparge_compile.plan_scope.ParamIndex` of the bound model, or None."""
+        return getattr(self, "_index", None)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_index", None)   # the binding is to a live model: not saved
+        return state
+
     def site_config(self, site_id: str, default: SpargeConfig):
         """The config for a site: the plan's choice, None (dense) or ``default`` (not in the plan)."""
         entry = self.sites.get(site_id)
@@ -352,7 +372,8 @@ class SpargePlan:
             f"sparge plan does not match this model: graph {graph} has attention sites {have}, none of "
             f"which is in the plan (its sites: {want}). A plan is made for one model, compiled whole "
             "(site ids are module paths from the compiled root); calibrate this model, or set "
-            "plan.strict = False to use the default config for unknown graphs")
+            "plan.strict = False to use the default config for unknown graphs. Blocks compiled alone "
+            "(compile_repeated_blocks) need the plan bound to the whole model: plan.bind(model)")
 
     # ------------------------------------------------------------------ the report
     def rows(self) -> list[dict]:

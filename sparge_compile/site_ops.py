@@ -60,6 +60,12 @@ class SiteState:
             return None
         kept, vis, calls = (int(x) for x in self.counter.tolist())
         return kept, vis, calls
+    per_owner: object = None   # fn(state, owner) -> SpargeConfig: a plan applied per module instance
+
+    def config_for(self, owner: Tensor | None) -> SpargeConfig:
+        """This call's config: the site's, or (``per_owner``, see sparge_compile.plan_scope) the
+        choice for the module instance that owns ``owner``. Called before the mask is predicted."""
+        return self.config if self.per_owner is None else self.per_owner(self, owner)
 
     def tag(self, owner: Tensor | None) -> None:
         if owner is not None and len(self.tags) < MAX_TAGS:
@@ -94,7 +100,7 @@ def site_block_mask(q: Tensor, k: Tensor, scale: float, is_causal: bool, block_q
                     site: str, owner: Tensor | None = None,
                     kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     st = _state(site)
-    cfg = st.config
+    cfg = st.config_for(owner)
     kv_num_blocks, kv_indices = ops.predict_block_mask_op(q, k, scale, is_causal, cfg.topk, cfg.topp,
                                                           cfg.mode, block_q, block_k, kv_keep, cfg.theta)
     # record=False under CUDA graphs (backend option record_masks): the graph's memory pool,
@@ -182,7 +188,7 @@ def _key_padding(kv_keep, q: Tensor, k: Tensor):
 
 def _native(q: Tensor, st: SiteState) -> bool:
     return (st.knobs is not None and q.device.type in NATIVE_DEVICES and st.config.theta is None
-            and st.hook is None)
+            and st.hook is None and st.per_owner is None)   # per-instance plans: chosen in Python
 
 
 def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):

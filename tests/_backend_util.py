@@ -7,6 +7,8 @@ eager model with the same mask applied, written with the model's own code.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,6 +19,18 @@ from bench.common import allow_broken_torchvision  # noqa: F401  (re-exported fo
 from sparge_compile.reference import dense_token_mask
 
 CFG = sc.SpargeConfig(topk=0.3, topp=0.5, block_q=16, block_k=16, min_seq_len=0)
+
+@contextlib.contextmanager
+def pytorch_path():
+    """For module-scoped fixtures (they run before conftest's function-scoped one): the op's
+    PyTorch path (TRITON_INTERPRET=0) and a fresh Dynamo."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        torch._dynamo.reset()
+        yield
+
 
 class SameMasks:
     """Context: eager softmax / SDPA calls see ``masks`` (one SpargeBlockMask per site, in order).

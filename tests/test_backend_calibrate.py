@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _backend_util import pytorch_path
 
 import sparge_compile as sc
 from sparge_compile.plan import PlanMismatchError
@@ -84,10 +85,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def plans():
-    # module scope runs before conftest's function-scoped fixture: ask for the PyTorch path here
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        torch._dynamo.reset()
+    with pytorch_path():
         model = make_model()
         with torch.no_grad():
             target = sc.calibrate(model, CAL, target_sparsity=TARGET, config=CFG)

@@ -48,7 +48,9 @@ def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
     a batch the model rejects raises :class:`CalibrationError` naming the batch and the model's error.
 
     Returns a :class:`SpargePlan` (``print(plan)`` is the report: each site's choice, predicted
-    and measured sparsity and error). Raises :class:`CalibrationError` when no site qualifies.
+    and measured sparsity and error), bound to ``model`` (:meth:`SpargePlan.bind`: it also applies
+    when the model's blocks are compiled alone, ``compile_repeated_blocks``). Raises
+    :class:`CalibrationError` when no site qualifies.
     """
     given = {name: value for name, value in locals().items() if name in _SETTINGS}
     s = settings_from_arguments(CalibrateConfig, given=given, base=calibrate_config, arg="calibrate_config")
@@ -66,7 +68,7 @@ def calibrate(model: nn.Module, inputs, *, target_sparsity: float | None = None,
     cal = Calibrator(capture_backend(model, config, s.inner), config, topks, topps, s.sample_blocks,
                      None if s.max_error is None else float(s.max_error))
     active, times = _in_eval_mode(model, lambda: _passes(model, cal, data, s, device))
-    plan = make_plan(cal, active, config, s.target_sparsity, s.max_error, s.per_site, len(data))
+    plan = make_plan(cal, active, config, s.target_sparsity, s.max_error, s.per_site, len(data)).bind(model)
     t_first, t_stats, t_search, t_check = (t - t0 for t in times)
     plan.summary.update(seconds=t_check, seconds_first_batch=t_first, seconds_capture_and_stats=t_stats,
                         seconds_search=t_search - t_stats, seconds_check=t_check - t_search)

@@ -1,38 +1,27 @@
 """The whole pass: graph -> sites -> decisions (config, plan, min_seq_len) -> rewrite -> report."""
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import fx
 
 from .. import site_ops
 from ..config import SpargeConfig
 from ..plan import SpargePlan, plan_choice
+from ..plan_scope import InstanceConfigs, graph_scope, qualified_name, site_owner_path
 from .canonical import example_value
 from .graph import build_graph
 from .matcher import AttentionMatch, find_sites, key_length
 from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
 
-_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
-
 
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the module that owns ``node``, relative to the compiled root ("" if none).
-
-    From Dynamo's ``nn_module_stack`` ("L['self'].blocks.0.attn" -> "blocks.0.attn"; the root
-    local or global name is dropped, so compiling the model or a function calling it agree).
-    """
+    """Dotted path of the module that owns ``node``, relative to the compiled root ("" if none),
+    from Dynamo's ``nn_module_stack`` ("L['self'].blocks.0.attn" -> "blocks.0.attn")."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    path = _ROOT.sub("", str(path))
-    path = re.sub(r"\._modules\[(['\"])([^'\"]*)\1\]", r".\2", path)
-    path = re.sub(r"\[(['\"])([^'\"]*)\1\]", r".\2", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.lstrip(".")
+    return qualified_name(list(stack.values())[-1][0])
 
 
 def assign_site_ids(sites: list[AttentionMatch], code=None) -> list[str]:
@@ -77,22 +66,38 @@ def _short(nk, min_len: int) -> bool:
     return bool(nk < min_len)
 
 
+def _plan_scope(plan, sites, ids, owner, owner_param, graph_name, capture):
+    """Check the graph against a SpargePlan: per module instance when the graph's root is a
+    submodule of the plan's bound model (regional compilation, see plan_scope), else by id."""
+    scope = None if capture else graph_scope(plan, owner, owner_param, graph_name)
+    if scope is not None:
+        shapes = [graph_shapes(s) for s in sites]
+        for sid, s, sh in zip(ids, sites, shapes):
+            static = all(isinstance(x, int) for n in ("q", "k") for x in sh.get(n, ()))
+            scope.sites.append((sid, s.kind, sh if static else None))   # for the other instances
+        scope.check(scope.prefix, shapes)   # the instance it is compiled from: sizes may be symbolic
+    elif isinstance(plan, SpargePlan):
+        plan.check_graph([(sid, s.kind, graph_shapes(s)) for sid, s in zip(ids, sites)], graph_name)
+    return scope
+
+
 def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_name: str = "graph",
-                   code=None, capture: bool = False, owner: fx.Node | None = None) -> GraphReport:
+                   code=None, capture: bool = False, owner: fx.Node | None = None,
+                   owner_param=None) -> GraphReport:
     """Find every attention site in ``gm``, rewrite the ones that qualify; return the report.
 
     code: the code object Dynamo compiled (names the sites of a graph after a graph break).
     capture: rewrite qualifying sites to the calibration capture op (dense attention that
     reports its q, k, v to :mod:`sparge_compile.calibration`) instead of the sparse op.
     plan: a plan as :func:`sparge_compile.plan.resolve_plan` returns it.
-    owner: a placeholder holding a parameter of the compiled model (see ``explain``).
+    owner: a placeholder holding a parameter of the compiled model (see ``explain``), and
+    owner_param that parameter (locates the graph's root in a plan's bound model).
     Each rewritten site's :class:`~sparge_compile.site_ops.SiteState` is held by its SiteReport.
     """
     g = build_graph(gm)
     sites = find_sites(gm, g)
     ids = assign_site_ids(sites, code)
-    if isinstance(plan, SpargePlan):
-        plan.check_graph([(sid, s.kind, graph_shapes(s)) for sid, s in zip(ids, sites)], graph_name)
+    scope = _plan_scope(plan, sites, ids, owner, owner_param, graph_name, capture)
     report = GraphReport(graph=graph_name)
     replaced: dict = {}
     for site, sid in zip(sites, ids):
@@ -100,7 +105,7 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
                           site.shapes, site.dtype, site.is_causal, site_id=sid)
         cfg = config
         if site.rewrite:
-            cfg = plan_choice(plan, info, config)
+            cfg = plan_choice(plan, info, config) if scope is None else scope.compile_choice(sid, config)
             if cfg is None:
                 site.dense("kept dense by the plan")
         if site.rewrite and capture and site.key_padding is not None:
@@ -112,9 +117,22 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
         info.rewritten, info.reason = site.rewrite, site.reason
         if site.rewrite:
             key, info.state = site_ops.new_site(f"{graph_name}/{site.name}", cfg)
+            if scope is not None:
+                info.state.per_owner = _per_owner(scope, site, sid, config)
             rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner, state=info.state)
             info.key, info.block_q, info.block_k = key, cfg.block_q, cfg.block_k
         report.sites.append(info)
     if replaced:
         finish(gm)
     return report
+
+
+def _per_owner(scope, site, sid: str, config: SpargeConfig) -> InstanceConfigs:
+    path = site_owner_path(site, scope)
+    if path is None:
+        from ..plan import PlanMismatchError
+
+        raise PlanMismatchError(f"sparge: site {sid!r} of graph {scope.graph}: no parameter tells which "
+                                "module instance runs it, so a per-block plan cannot apply; compile the "
+                                "whole model")
+    return InstanceConfigs(scope, sid, site.kind, path, config)

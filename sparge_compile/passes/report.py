@@ -5,6 +5,7 @@ One :class:`GraphReport` per graph the backend compiled; :class:`Report` gathers
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -57,8 +58,31 @@ class SiteReport:
         st = self.state
         if st is None or st.kv_num_blocks is None:
             return None
-        return SpargeBlockMask(st.kv_num_blocks, st.kv_indices, int(st.q_len), int(st.kv_len), self.block_q,
-                               self.block_k, st.is_causal)
+        return self._mask((st.kv_num_blocks, st.kv_indices, st.q_len, st.kv_len, st.is_causal))
+
+    def _mask(self, m):
+        if m is None:
+            return None
+        kv_num_blocks, kv_indices, q_len, kv_len, is_causal = m
+        return SpargeBlockMask(kv_num_blocks, kv_indices, int(q_len), int(kv_len), self.block_q, self.block_k,
+                               is_causal)
+
+    @property
+    def config(self):
+        """The SpargeConfig the site runs with (rewritten sites), None otherwise."""
+        return None if self.state is None else self.state.config
+
+    def instances(self) -> list[dict]:
+        """A site of a graph that serves several module instances (blocks compiled alone under a
+        plan, see :mod:`sparge_compile.plan_scope`): one entry per instance that ran it, with its
+        ``site_id`` (the plan's), ``config``, ``dense`` (kept dense by the plan), ``calls`` and
+        ``block_mask`` (its last mask). [] for any other site."""
+        st = self.state
+        per_owner = getattr(st, "per_owner", None)
+        if per_owner is None:
+            return []
+        return [dict(site_id=i.site_id, config=i.config, dense=i.dense, calls=i.calls,
+                     block_mask=self._mask(m)) for i, m in per_owner.views(st)]
 
     def as_dict(self) -> dict:
         sp = self.sparsity
@@ -66,7 +90,10 @@ class SiteReport:
                     spelling=self.spelling,
                     rewritten=self.rewritten, reason=self.reason, shapes=self.shapes, dtype=self.dtype,
                     is_causal=self.is_causal, block_q=self.block_q, block_k=self.block_k,
-                    calls=self.calls, sparsity=sp)
+                    calls=self.calls, sparsity=sp, instances=[
+                        dict(i, block_mask=None, config=dataclasses.asdict(i["config"]),
+                             sparsity=None if i["block_mask"] is None else i["block_mask"].sparsity())
+                        for i in self.instances()])
 
 
 @dataclass
@@ -104,14 +131,20 @@ class Report:
         return [s.as_dict() for s in self.sites]
 
     def table(self) -> str:
+        """One row per site; a site shared by module instances (regional compilation) has one row
+        per instance, with the instance's id and choice."""
         rows = []
         for s in self.sites:
-            sp = s.sparsity
-            rows.append([s.graph, s.name, s.site_id, s.kind, "sparse" if s.rewritten else "dense",
-                         s.reason, "x".join(map(str, s.shapes.get("q", ()))),
-                         "x".join(map(str, s.shapes.get("k", ()))), s.dtype,
-                         "-" if sp is None else f"{sp:.1%}"])
-        head = ["graph", "site", "id", "kind", "status", "reason", "q shape", "k shape", "dtype", "sparsity"]
+            shapes = ["x".join(map(str, s.shapes.get(n, ()))) for n in ("q", "k")]
+            insts = s.instances()
+            for i in insts or [dict(site_id=s.site_id, config=s.config, dense=not s.rewritten,
+                                    block_mask=s.block_mask())]:
+                sp = None if i["block_mask"] is None else i["block_mask"].sparsity()
+                status = ("dense (plan)" if insts else "dense") if i["dense"] else "sparse"
+                rows.append([s.graph, s.name, i["site_id"], s.kind, status, _choice(i["config"], i["dense"]),
+                             s.reason, *shapes, s.dtype, "-" if sp is None else f"{sp:.1%}"])
+        head = ["graph", "site", "id", "kind", "status", "topk / topp", "reason", "q shape", "k shape",
+                "dtype", "sparsity"]
         n_sparse = len(self.rewritten)
         return (f"sparge: {len(self.sites)} attention site(s), {n_sparse} rewritten, "
                 f"{len(self.sites) - n_sparse} dense\n" + tabulate(rows, headers=head))
@@ -120,6 +153,13 @@ class Report:
         return self.table()
 
     __repr__ = __str__
+
+
+def _choice(cfg, dense: bool) -> str:
+    if cfg is None or dense:
+        return "-"
+    both = f"{cfg.topk:g} / {cfg.topp:g}"
+    return {"topk": f"{cfg.topk:g} / -", "topp": f"- / {cfg.topp:g}"}.get(cfg.mode, both)
 
 
 def log_graph_report(gr: GraphReport) -> None:
