@@ -52,10 +52,14 @@ def device_buffers(topk: float, topp: float, device) -> tuple[Tensor, Tensor]:
 @triton_op("sparge::native_block_mask", mutates_args={})
 def native_block_mask(qb: Tensor, kb: Tensor, q_len: int, kv_len: int, scale: float, is_causal: bool,
                       mode: str, block_q: int, block_k: int, kv_keep: Tensor | None, knobs: int,
-                      counter: int) -> tuple[Tensor, Tensor]:
-    from .kernels.mask import block_scores_triton, select_triton
+                      counter: int, pooled: bool = True) -> tuple[Tensor, Tensor]:
+    """pooled: qb, kb are block means (:func:`pool_blocks`); False: they are q and k themselves,
+    pooled here by the Triton kernel (one more launch, one more read of q and k)."""
+    from .kernels.mask import block_scores_triton, pool_qk_triton, select_triton
 
     with tuning.native():
+        if not pooled:
+            qb, kb = pool_qk_triton(qb, kb, block_q, block_k)
         scores = block_scores_triton(qb, kb, scale)
         key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
         return select_triton(scores, q_len, kv_len, is_causal, 0.0, 0.0, mode, block_q, block_k,

@@ -34,6 +34,9 @@ MAX_TAGS = 64   # owner tags remembered per site (which models ran it; see SiteS
 # Devices whose compiled sites launch the kernels from Inductor's own code (native_ops); the
 # tests add "cpu" (Triton's interpreter, eager graphs). SPARGE_NATIVE=0: the Python ops everywhere.
 NATIVE_DEVICES = {"cuda"} if os.environ.get("SPARGE_NATIVE", "1") == "1" else set()
+# Native sites pool q and k with graph ops (Inductor may fuse them into the producer) when 1;
+# the default, the Triton pooling kernel, measured faster on the H200 (docs/perf-notes.md).
+GRAPH_POOL = os.environ.get("SPARGE_GRAPH_POOL", "0") == "1"
 
 
 @dataclass(eq=False)
@@ -197,11 +200,13 @@ def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
     from .kernels.tuning import head_dim_tile
 
     st.native = True
-    tile = head_dim_tile(q.shape[-1])
-    qb = native_ops.pool_blocks(q.detach(), block_q, tile)
-    kb = native_ops.pool_blocks(k.detach(), block_k, tile)
+    qb, kb = q.detach(), k.detach()
+    if GRAPH_POOL:
+        tile = head_dim_tile(q.shape[-1])
+        qb, kb = native_ops.pool_blocks(qb, block_q, tile), native_ops.pool_blocks(kb, block_k, tile)
     mask = native_ops.native_block_mask(qb, kb, q.shape[2], k.shape[2], scale, causal, st.config.mode,
-                                        block_q, block_k, keep, st.knobs.data_ptr(), st.counter.data_ptr())
+                                        block_q, block_k, keep, st.knobs.data_ptr(), st.counter.data_ptr(),
+                                        GRAPH_POOL)
     out, _ = native_ops.native_attention(q, k, v, *mask, scale, causal, block_q, block_k, keep)
     return out
 

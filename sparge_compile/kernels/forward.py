@@ -166,13 +166,13 @@ def tma_ok(x: torch.Tensor, D: int) -> bool:
     """Hopper+ TMA loads of (1, 1, BLOCK_N, tile) boxes: CUDA, 16-byte aligned base and strides,
     unit last stride, a head dim of at least 16 bytes, and a Triton that has them. A padded head
     dim loads the box of its power-of-two tile: the columns past D read as zeros."""
-    if not (x.is_cuda and _tma_device(x.device.index)):
+    # traced for Inductor (tuning.native): off, torch 2.11's wrap_triton cannot take a host
+    # TensorDescriptor (its mutation analysis fails and the graph cache hashes the fake tensor)
+    if not (x.is_cuda and _tma_device(x.device.index)) or tuning.is_native():
         return False
     es = x.element_size()
-    # traced (tuning.native): no data pointer yet; the storage's base is allocator-aligned
-    base = x.storage_offset() * es if tuning.is_native() else x.data_ptr()
     return (x.stride(-1) == 1 and D * es >= 16
-            and base % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
+            and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
 
 
 def descriptor(x: torch.Tensor, block_n: int):

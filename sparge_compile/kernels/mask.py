@@ -205,7 +205,7 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, 
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     if HAS_KNOBS:
-        knobs = Knobs.to(tl.pointer_type(tl.float32))
+        knobs = (Knobs + tl.zeros([], tl.int64)).to(tl.pointer_type(tl.float32))  # an int constant too
         topk = tl.load(knobs)
         topp = tl.load(knobs + 1)
     ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
@@ -238,7 +238,8 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, 
     row_ok = ri < nq
     tl.store(KvNum + bh * nq + ri, num, mask=row_ok)
     if COUNT:
-        _count(Counter.to(tl.pointer_type(tl.int64)), num, n_vis, row_ok, (pid == 0) & (bh == 0))
+        counter = (Counter + tl.zeros([], tl.int64)).to(tl.pointer_type(tl.int64))
+        _count(counter, num, n_vis, row_ok, (pid == 0) & (bh == 0))
     tl.store(KvIdx + (bh * nq + ri)[:, None] * nk + out_pos,
              tl.zeros([BLOCK_M, NK_P2], tl.int32) + cj[None, :],
              mask=row_ok[:, None] & (cj < nk)[None, :])
