@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("bench.tools.tune_kernels", "GPU tool: time kernel variants and launch settings against Flex"),
     "profile": ("bench.tools.profile_kernels", "GPU tool: per-kernel profile, host cost, compiler report"),
     "headdim": ("bench.tools.headdim", "GPU tool: kernel times at head dims 64/128 and padded 72/80"),
+    "linear": ("bench.tools.linear", "GPU tool: sparse + linear branch (SLA) vs the sparse kernel alone"),
 }
 
 
