@@ -90,7 +90,7 @@ def time_sparsity(q, k, v, dout, sparsity: float) -> dict:
     from sparge_compile import linear_branch as lb
     from sparge_compile import ops, ops_linear
     from sparge_compile.kernels.forward import attention_fwd_triton
-    from sparge_compile.kernels.linear import linear_fwd_triton
+    from sparge_compile.kernels.linear import _states, block_states_triton, linear_fwd_triton
 
     num, idx = _uniform_mask(q.detach(), k.detach(), sparsity)
     nk = idx.shape[-1]
@@ -113,6 +113,9 @@ def time_sparsity(q, k, v, dout, sparsity: float) -> dict:
         res["sparse_fwd_ms"] = time_ms(lambda: attention_fwd_triton(q, k, v, num, idx, scale, False, BLOCK_Q,
                                                                     BLOCK_K))
         res["linear_fwd_ms"] = time_ms(lambda: linear_fwd_triton(q, k, v, num, idx, BLOCK_Q, BLOCK_K))
+        # its parts: the states alone, states + the total's scan (the rest is the per-query-block kernel)
+        res["linear_states_ms"] = time_ms(lambda: block_states_triton(k, v, BLOCK_K))
+        res["linear_states_scan_ms"] = time_ms(lambda: _states(k, v, BLOCK_K, False, "softmax"))
         res["sparse_linear_fwd_ms"] = time_ms(sparse_linear)
     res["sparse_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_op))
     res["sparse_linear_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_linear))
