@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("bench.tools.profile_kernels", "GPU tool: per-kernel profile, host cost, compiler report"),
     "headdim": ("bench.tools.headdim", "GPU tool: kernel times at head dims 64/128 and padded 72/80"),
     "lowbit": ("bench.tools.lowbit", "GPU tool: the FP8/INT8 forward's errors and times vs the bf16 kernel"),
+    "linear": ("bench.tools.linear", "GPU tool: sparse + linear branch (SLA) vs the sparse kernel alone"),
 }
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import kernels, ops, ops_linear
 from .attention import _config, predict_block_mask
 from .block_mask import SpargeBlockMask
 from .config import SpargeConfig
@@ -233,7 +233,9 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 
     q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D). The mask is predicted (from the routed q/k when the
     branch has a router) unless block_mask is given. Differentiable in q, k, v and in the
-    branch's parameters (the sparse op's autograd plus PyTorch ops).
+    branch's parameters (the sparse op's autograd plus PyTorch ops). O_lin runs in the Triton
+    kernels (``sparge::linear_dropped``) where ``kernels.use_triton(q)`` (CUDA, or
+    TRITON_INTERPRET=1), otherwise in :func:`linear_attention_dropped`.
     """
     if not isinstance(branch, LinearBranch):
         raise TypeError(f"branch must be a LinearBranch, got {type(branch).__name__}")
@@ -246,7 +248,11 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     bq, bk = m.block_q, m.block_k
     out_s, _ = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal, bq, bk)
     keep = m.to_dense()
-    out_l = linear_attention_dropped(q, k, v, keep, bq, bk, is_causal, branch.feature_map, branch.eps)
+    if kernels.use_triton(q):   # the Triton kernels (kernels/linear.py) behind a custom op
+        out_l = ops_linear.linear_dropped_op(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk, is_causal,
+                                             branch.feature_map, branch.eps)
+    else:
+        out_l = linear_attention_dropped(q, k, v, keep, bq, bk, is_causal, branch.feature_map, branch.eps)
     domain = linear_domain(q.shape[2], k.shape[2], bq, bk, is_causal, q.device)
     dropped = _per_token((domain & ~keep).any(-1), bq, q.shape[2])
     share = None

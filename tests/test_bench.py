@@ -64,7 +64,7 @@ def test_quick_keeps_explicit_sizes():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the real tools on a GPU")
-@pytest.mark.parametrize("name", ["tune", "profile", "headdim", "lowbit"])
+@pytest.mark.parametrize("name", ["tune", "profile", "headdim", "lowbit", "linear"])
 def test_gpu_tools_say_they_need_cuda(name, tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         cli.main([name, "--out", str(tmp_path)])

@@ -1,0 +1,80 @@
+"""torch.library registration of the linear branch over the dropped blocks (issue 19).
+
+* ``sparge::linear_dropped`` (q, k, v, kv_num_blocks, kv_indices, ...) -> O_lin   differentiable in q, k, v
+* ``sparge::linear_dropped_backward`` -> (dq, dk, dv)
+
+O_lin is :func:`sparge_compile.linear_branch.linear_attention_dropped` of the mask's kept blocks
+(the definition). Triton kernels (:mod:`.kernels.linear`) where :func:`kernels.use_triton` says so
+(CUDA, or TRITON_INTERPRET=1); otherwise the PyTorch definition itself (its vjp for the backward).
+torch.compile traces both ops with no graph break (fake kernels give the output metadata).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+
+def _reference(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, is_causal, feature_map, eps):
+    from .kernels.torch_impl import indices_to_dense
+    from .linear_branch import linear_attention_dropped
+
+    keep = indices_to_dense(kv_num_blocks, kv_indices, kv_indices.shape[-1])
+    return linear_attention_dropped(q, k, v, keep, block_q, block_k, is_causal, feature_map, eps)
+
+
+@torch.library.custom_op("sparge::linear_dropped", mutates_args=())
+def linear_dropped_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                      block_q: int, block_k: int, is_causal: bool, feature_map: str, eps: float) -> Tensor:
+    args = (q, k, v, kv_num_blocks, kv_indices, block_q, block_k, is_causal, feature_map, eps)
+    if kernels.use_triton(q):
+        from .kernels.linear import linear_fwd_triton
+
+        return linear_fwd_triton(*args)
+    with torch.no_grad():
+        return _reference(*args)
+
+
+@linear_dropped_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, is_causal, feature_map, eps):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+@torch.library.custom_op("sparge::linear_dropped_backward", mutates_args=())
+def linear_dropped_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor,
+                               kv_indices: Tensor, block_q: int, block_k: int, is_causal: bool,
+                               feature_map: str, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    args = (kv_num_blocks, kv_indices, block_q, block_k, is_causal, feature_map, eps)
+    if kernels.use_triton(q):
+        from .kernels.linear import linear_bwd_triton
+
+        return linear_bwd_triton(dout.contiguous(), q, k, v, *args)
+    with torch.enable_grad():
+        qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _reference(*qkv, *args)
+        dq, dk, dv = torch.autograd.grad(out, qkv, dout)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@linear_dropped_backward_op.register_fake
+def _(dout, q, k, v, kv_num_blocks, kv_indices, block_q, block_k, is_causal, feature_map, eps):
+    # both paths return contiguous gradients whatever the layout of q, k, v
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_num_blocks, kv_indices = inputs[:5]
+    ctx.save_for_backward(q, k, v, kv_num_blocks, kv_indices)
+    ctx.args = inputs[5:]
+
+
+def _backward(ctx, dout):
+    q, k, v, kv_num_blocks, kv_indices = ctx.saved_tensors
+    dq, dk, dv = linear_dropped_backward_op(dout, q, k, v, kv_num_blocks, kv_indices, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+linear_dropped_op.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = ["linear_dropped_backward_op", "linear_dropped_op"]
