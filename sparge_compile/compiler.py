@@ -216,7 +216,9 @@ class SpargeBackend:
         for st in self._states():
             st.config = st.config.replace(**changes)
             if st.knobs is not None:
-                st.knobs.copy_(torch.tensor([st.config.topk, st.config.topp], dtype=torch.float32))
+                from .kernels.mask import pack_knobs
+
+                pack_knobs(st.config.topk, st.config.topp, st.counter, out=st.knobs)
             if st.per_owner is not None:
                 st.per_owner.replace(**changes)
 

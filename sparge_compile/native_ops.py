@@ -6,12 +6,12 @@ Inductor's generated code, with no Python op dispatch per call at run time. The 
 pools q and k with plain tensor ops (:func:`pool_blocks`), where Inductor can fuse the block
 means into whatever produced q and k; scores and selection follow in two launches.
 
-* ``sparge::native_block_mask`` (qb, kb, ..., knobs, counter) -> (kv_num_blocks, kv_indices);
-  topk/topp are read from the site's ``knobs`` (float32 [topk, topp] on the device: set_config
-  changes it in place, no recompile) and the site's ``counter`` (int64 [kept pairs, visible
-  pairs, calls]) is added to on the device (the report reads it when asked; nothing syncs on the
-  hot path). Both are passed as addresses (constants of the compiled code, CUDA-graph safe); the
-  tensors are kept alive for the life of the process (:data:`_KEEP`, 24 bytes a site).
+* ``sparge::native_block_mask`` (qb, kb, ..., knobs) -> (kv_num_blocks, kv_indices); topk/topp
+  are read from the site's ``knobs`` on the device (:func:`.kernels.mask.pack_knobs`: set_config
+  rewrites it in place, no recompile), and the site's ``counter`` (int64 [kept pairs, visible
+  pairs, calls]), whose address the knobs hold, is added to on the device (the report reads it
+  when asked; nothing syncs on the hot path). The knobs are a constant of the compiled code
+  (CUDA-graph safe); both tensors are kept alive for the life of the process (:data:`_KEEP`).
 * ``sparge::native_attention`` (q, k, v, kv_num_blocks, kv_indices, ...) -> (out, lse), with
   its backward ``sparge::native_attention_backward``.
 
@@ -42,17 +42,19 @@ _KEEP: list = []   # every site's knobs and counter: compiled code may hold thei
 
 
 def device_buffers(topk: float, topp: float, device) -> tuple[Tensor, Tensor]:
-    """A site's knobs (float32 [topk, topp]) and counter (int64 zeros(3)) on ``device``, kept alive."""
-    knobs = torch.tensor([topk, topp], dtype=torch.float32, device=device)
+    """A site's knobs and counter (int64 zeros(3)) on ``device``, kept alive."""
+    from .kernels.mask import pack_knobs
+
     counter = torch.zeros(3, dtype=torch.int64, device=device)
+    knobs = pack_knobs(topk, topp, counter).to(device)
     _KEEP.append((knobs, counter))
     return knobs, counter
 
 
 @triton_op("sparge::native_block_mask", mutates_args={})
 def native_block_mask(qb: Tensor, kb: Tensor, q_len: int, kv_len: int, scale: float, is_causal: bool,
-                      mode: str, block_q: int, block_k: int, kv_keep: Tensor | None, knobs: int,
-                      counter: int, pooled: bool = True) -> tuple[Tensor, Tensor]:
+                      mode: str, block_q: int, block_k: int, kv_keep: Tensor | None, knobs: Tensor,
+                      pooled: bool = True) -> tuple[Tensor, Tensor]:
     """pooled: qb, kb are block means (:func:`pool_blocks`); False: they are q and k themselves,
     pooled here by the Triton kernel (one more launch, one more read of q and k)."""
     from .kernels.mask import block_scores_triton, pool_qk_triton, select_triton
@@ -63,7 +65,7 @@ def native_block_mask(qb: Tensor, kb: Tensor, q_len: int, kv_len: int, scale: fl
         scores = block_scores_triton(qb, kb, scale)
         key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
         return select_triton(scores, q_len, kv_len, is_causal, 0.0, 0.0, mode, block_q, block_k,
-                             key_vis=key_vis, knobs=knobs, counter=counter)
+                             key_vis=key_vis, knobs=knobs, counter=True)
 
 
 @triton_op("sparge::native_attention", mutates_args={})

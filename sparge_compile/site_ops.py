@@ -53,7 +53,7 @@ class SiteState:
     record: bool = True   # keep a reference to the last mask (for the report's measured sparsity)
     hook: object = None   # capture sites: fn(key, q, k, v, scale, is_causal) -> out | None
     tags: set = field(default_factory=set)   # data_ptr of a parameter of each model that ran it
-    knobs: Tensor | None = None     # native sites: float32 [topk, topp] on the device
+    knobs: Tensor | None = None     # native sites: kernels.mask.pack_knobs(topk, topp, counter)
     counter: Tensor | None = None   # native sites: int64 [kept pairs, visible pairs, calls]
     native: bool = False            # traced with native_ops (mode and theta fixed at compile time)
 
@@ -205,8 +205,7 @@ def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
         tile = head_dim_tile(q.shape[-1])
         qb, kb = native_ops.pool_blocks(qb, block_q, tile), native_ops.pool_blocks(kb, block_k, tile)
     mask = native_ops.native_block_mask(qb, kb, q.shape[2], k.shape[2], scale, causal, st.config.mode,
-                                        block_q, block_k, keep, st.knobs.data_ptr(), st.counter.data_ptr(),
-                                        GRAPH_POOL)
+                                        block_q, block_k, keep, st.knobs, GRAPH_POOL)
     out, _ = native_ops.native_attention(q, k, v, *mask, scale, causal, block_q, block_k, keep)
     return out
 

@@ -116,12 +116,10 @@ def prediction(res, N=32768, H=12, D=128):
     scale = D ** -0.5
     res["eager_op_ms"] = triton.testing.do_bench(
         lambda: ops.predict_block_mask_op(q, k, scale, False, 0.05, 0.0, "hybrid", 128, 64))
-    knobs = torch.tensor([0.05, 0.0], device="cuda")
-    counter = torch.zeros(3, dtype=torch.int64, device="cuda")
+    knobs, _ = native_ops.device_buffers(0.05, 0.0, "cuda")
     qb, kb = native_ops.pool_blocks(q, 128, D), native_ops.pool_blocks(k, 64, D)
     res["native_scores_select_ms"] = triton.testing.do_bench(
-        lambda: native_ops.native_block_mask(qb, kb, N, N, scale, False, "hybrid", 128, 64, None,
-                                             knobs.data_ptr(), counter.data_ptr()))
+        lambda: native_ops.native_block_mask(qb, kb, N, N, scale, False, "hybrid", 128, 64, None, knobs))
     _select_sweep(res, qb, kb, scale, N)
     cos = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
 
@@ -134,8 +132,7 @@ def prediction(res, N=32768, H=12, D=128):
     def producer_and_mask(a, b):
         qa, kb_ = rope(a), rope(b)
         pooled = native_ops.pool_blocks(qa, 128, D), native_ops.pool_blocks(kb_, 64, D)
-        m = native_ops.native_block_mask(*pooled, N, N, scale, False, "hybrid", 128, 64, None,
-                                         knobs.data_ptr(), counter.data_ptr())
+        m = native_ops.native_block_mask(*pooled, N, N, scale, False, "hybrid", 128, 64, None, knobs)
         return qa, kb_, m
 
     f1, f2 = torch.compile(producer_only), torch.compile(producer_and_mask)

@@ -46,7 +46,7 @@ def _env_int(name):
 DEFAULTS = dict(pv=os.environ.get("SPARGE_LOWBIT_PV") or None,
                 v_layout=os.environ.get("SPARGE_LOWBIT_V", "dn"),
                 num_warps=_env_int("SPARGE_LOWBIT_WARPS"), num_stages=_env_int("SPARGE_LOWBIT_STAGES"),
-                use_tma=os.environ.get("SPARGE_LOWBIT_TMA", "1") == "1",
+                use_tma=os.environ.get("SPARGE_LOWBIT_TMA", "0") == "1",   # TMA: no compile on Triton 3.6
                 pv_acc=_env_int("SPARGE_LOWBIT_PV_ACC"))
 
 

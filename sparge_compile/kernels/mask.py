@@ -193,21 +193,21 @@ def _count(Counter, num, n_vis, row_ok, first):
 
 
 @triton.jit
-def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, Nk, nq, nk,
+def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, topk, topp, Hq, Nq, Nk, nq, nk,
                    BQ: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                    NK_P2: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    MODE: tl.constexpr, PAIRWISE: tl.constexpr, HAS_KEEP: tl.constexpr,
                    HAS_KNOBS: tl.constexpr, COUNT: tl.constexpr):
-    """Knobs (HAS_KNOBS): the address of a float32 [topk, topp] device tensor read instead of the
-    scalars (a compiled graph then follows set_config with no recompile). Counter (COUNT): the
-    address of an int64 [kept pairs, visible pairs, calls] tensor, added to atomically (the report
-    reads it lazily). Addresses, not tensors: the compiler sees no input it must copy or order."""
+    """Knobs (HAS_KNOBS): an int64 device tensor [topk bits, topp bits, counter address] (float32
+    bits; :func:`pack_knobs`) read instead of the scalars, so a compiled graph follows set_config
+    with no recompile. COUNT: the int64 [kept pairs, visible pairs, calls] tensor at the counter
+    address is added to atomically (the report reads it lazily); an address read from memory, so
+    the compiler sees no mutated input to copy."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     if HAS_KNOBS:
-        knobs = (Knobs + tl.zeros([], tl.int64)).to(tl.pointer_type(tl.float32))  # an int constant too
-        topk = tl.load(knobs)
-        topp = tl.load(knobs + 1)
+        topk = tl.load(Knobs).to(tl.int32).to(tl.float32, bitcast=True)
+        topp = tl.load(Knobs + 1).to(tl.int32).to(tl.float32, bitcast=True)
     ri = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # query-block indices of this tile
     cj = tl.arange(0, NK_P2)  # key-block indices
     vis = (cj < nk)[None, :] & (ri < nq)[:, None]
@@ -238,7 +238,7 @@ def _select_kernel(S, KvNum, KvIdx, KeyVis, Knobs, Counter, topk, topp, Hq, Nq, 
     row_ok = ri < nq
     tl.store(KvNum + bh * nq + ri, num, mask=row_ok)
     if COUNT:
-        counter = (Counter + tl.zeros([], tl.int64)).to(tl.pointer_type(tl.int64))
+        counter = tl.load(Knobs + 2).to(tl.pointer_type(tl.int64))
         _count(counter, num, n_vis, row_ok, (pid == 0) & (bh == 0))
     tl.store(KvIdx + (bh * nq + ri)[:, None] * nk + out_pos,
              tl.zeros([BLOCK_M, NK_P2], tl.int32) + cj[None, :],
@@ -292,13 +292,21 @@ def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block
                          knobs=knobs, counter=counter)
 
 
+def pack_knobs(topk: float, topp: float, counter: torch.Tensor | None, out: torch.Tensor | None = None):
+    """[topk, topp] as float32 bits and the counter's address, in an int64 tensor (``out`` in place)."""
+    bits = torch.tensor([topk, topp], dtype=torch.float32).view(torch.int32).tolist()
+    vals = torch.tensor(bits + [0 if counter is None else counter.data_ptr()], dtype=torch.int64)
+    if out is None:
+        return vals
+    return out.copy_(vals)
+
+
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
                   num_warps=None, key_vis=None, knobs=None, counter=None):
     """Hybrid selection on (B, H, nq, nk) block scores: (kv_num_blocks, kv_indices). Tuning knobs (the
     kernel-tuning benchmark sets them): block_m query blocks per program, num_warps.
-    knobs: None, or the address (data_ptr) of a float32 [topk, topp] device tensor used instead of
-    topk, topp. counter: None, or the address of an int64 [kept, visible, calls] device tensor the
-    kernel adds to. The caller keeps both alive."""
+    knobs: None, or an int64 device tensor from :func:`pack_knobs` (topk, topp and the address of
+    a counter the kernel adds to; the caller keeps the counter alive); counter: whether it counts."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not scores.is_cuda
@@ -312,10 +320,10 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
     num = torch.empty((B, Hq, nq), dtype=torch.int32, device=scores.device)
     idx = torch.empty((B, Hq, nq, nk), dtype=torch.int32, device=scores.device)
     run(_select_kernel, (cdiv(nq, BLOCK_M), B * Hq),
-        scores, num, idx, num if key_vis is None else key_vis.contiguous(), int(knobs or 0),
-        int(counter or 0), float(topk), float(topp),
+        scores, num, idx, num if key_vis is None else key_vis.contiguous(), num if knobs is None else knobs,
+        float(topk), float(topp),
         Hq, Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise, HAS_KEEP=key_vis is not None,
-        HAS_KNOBS=knobs is not None, COUNT=counter is not None,
+        HAS_KNOBS=knobs is not None, COUNT=knobs is not None and bool(counter),
         num_warps=num_warps or (4 if pairwise or interp else max(1, NK_P2 // SELECT_WARP_ELEMS)))
     return num, idx
