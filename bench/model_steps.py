@@ -1,0 +1,200 @@
+"""Real diffusers models (real configs, random weights) compiled the way diffusers users compile
+(``compile_repeated_blocks``): inductor dense vs sparge at the same target sparsity.
+
+    python -m bench models --models dit,flux,wan --out $OUT        # CUDA, bf16
+    python -m bench models --quick --out /tmp/m                     # CPU smoke test, tiny configs
+
+Per model: the dense step, the step with SDPA replaced by a no-op (so the dense attention time
+and share, and the limit the mask allows: dense / (dense - 0.9 * sparsity * attention)), then
+sparge at each target (topk = 1 - target, topp = 0: the report's measured sparsity is printed),
+each with its compile (first call) time. Writes models.json and models.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sparge_compile as sc
+from bench import common as C
+from bench import output as O
+from bench.cli import module_entry
+
+# (constructor kwargs, input builder) per model; sizes as the released checkpoints have them
+FULL = {
+    "dit": ("DiTTransformer2DModel", dict(num_attention_heads=16, attention_head_dim=64, in_channels=4,
+                                          num_layers=24, sample_size=128, patch_size=2,
+                                          norm_type="ada_norm_zero", num_embeds_ada_norm=1000)),
+    "flux": ("FluxTransformer2DModel", dict(num_layers=4, num_single_layers=8, attention_head_dim=128,
+                                            num_attention_heads=24, joint_attention_dim=4096,
+                                            pooled_projection_dim=768, in_channels=64)),
+    "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=12,
+                                          attention_head_dim=128, in_channels=16, out_channels=16,
+                                          text_dim=4096, freq_dim=256,
+                                          ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                                          qk_norm="rms_norm_across_heads")),
+}
+QUICK = {
+    "dit": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, sample_size=32),
+    "flux": dict(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=16, in_channels=16,
+                 axes_dims_rope=(8, 12, 12)),
+    "wan": dict(num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=64,
+                num_layers=2, rope_max_seq_len=64),
+}
+
+
+def build(name: str, quick: bool, device, dtype):
+    import diffusers
+
+    cls, kw = FULL[name]
+    kw = dict(kw, **(QUICK[name] if quick else {}))
+    torch.manual_seed(0)
+    return getattr(diffusers, cls)(**kw).to(device, dtype).eval(), kw
+
+
+def inputs(name: str, kw: dict, quick: bool, device, dtype) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(device, dtype)
+
+    if name == "dit":
+        n = kw["sample_size"]
+        return dict(hidden_states=r(1, 4, n, n), timestep=torch.tensor([500], device=device),
+                    class_labels=torch.tensor([7], device=device), return_dict=False)
+    if name == "flux":
+        side, txt = (8, 4) if quick else (64, 512)
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)),
+                                             indexing="ij"), -1).reshape(-1, 3).to(device)
+        return dict(hidden_states=r(1, side * side, kw["in_channels"]),
+                    encoder_hidden_states=r(1, txt, kw["joint_attention_dim"]),
+                    pooled_projections=r(1, kw["pooled_projection_dim"]),
+                    timestep=torch.tensor([0.5], device=device, dtype=dtype), img_ids=img_ids,
+                    txt_ids=torch.zeros(txt, 3, device=device), return_dict=False)
+    frames, h, w, txt = (2, 16, 16, 8) if quick else (21, 60, 104, 512)
+    return dict(hidden_states=r(1, kw["in_channels"], frames, h, w),
+                timestep=torch.tensor([500], device=device),
+                encoder_hidden_states=r(1, txt, kw["text_dim"]), return_dict=False)
+
+
+@contextlib.contextmanager
+def no_attention():
+    """SDPA replaced by returning q (the same shape when Dv == D): the step without attention."""
+    real = F.scaled_dot_product_attention
+    def noop(*args, **kw):
+        q = args[0] if args else kw["query"]
+        return q * 1
+
+    F.scaled_dot_product_attention = noop
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="dit,flux,wan", help="comma-separated: dit, flux, wan")
+    p.add_argument("--targets", default="0.9,0.95", help="target block sparsities (topk = 1 - target)")
+    p.add_argument("--modes", default="default", help="comma-separated: default, reduce-overhead")
+    p.add_argument("--reps", type=int, default=10)
+
+
+def step_ms(fn, device, reps: int) -> float:
+    """Median wall ms of ``fn()`` over ``reps`` calls after two warm-up calls (synchronized)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(max(1, reps)):
+        C.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        C.sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def compiled_step(build_model, backend, mode, inp, device, reps):
+    """(compile seconds, step ms, output, model) of a fresh model compiled block-wise."""
+    torch._dynamo.reset()
+    model = build_model()
+    if not getattr(model, "_repeated_blocks", None):   # DiT declares none: its blocks, the same way
+        model._repeated_blocks = [type(model.transformer_blocks[0]).__name__]
+    model.compile_repeated_blocks(backend=backend, mode=None if mode == "default" else mode)
+    with torch.no_grad():
+        C.sync(device)
+        t0 = time.perf_counter()
+        out = model(**inp)[0]
+        C.sync(device)
+        first = time.perf_counter() - t0
+        ms = step_ms(lambda: model(**inp), device, reps)
+    return first, ms, out.float(), model
+
+
+def _sparsity(be) -> float | None:
+    sp = [s.sparsity for g in be.graphs for s in g.sites if s.rewritten and s.sparsity is not None]
+    return sum(sp) / len(sp) if sp else None
+
+
+def model_rows(name, a, device, dtype) -> list[dict]:
+    kw = build(name, a.quick, "cpu", torch.float32)[1]
+    inp = inputs(name, kw, a.quick, device, dtype)
+    mk = lambda: build(name, a.quick, device, dtype)[0]  # noqa: E731
+    rows, reps = [], max(2, a.reps // 3) if name == "wan" else a.reps
+    first, dense, ref, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
+    with no_attention():
+        _, noop, _, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
+    attn = max(dense - noop, 0.0)
+    rows.append(dict(model=name, variant="inductor dense", step_ms=dense, compile_s=first, speedup=1.0,
+                     attention_ms=attn, attention_share=attn / dense))
+    for mode in a.modes.split(","):
+        for t in (float(x) for x in a.targets.split(",")):
+            be = sc.backend(config=sc.SpargeConfig(topk=1 - t, topp=0.0, min_seq_len=0 if a.quick else 1024))
+            row = dict(model=name, variant=f"sparge {t:.0%} ({mode})", target=t)
+            C.guarded(lambda: row.update(_sparse_row(mk, be, mode, inp, device, reps, ref, dense, attn)),
+                      row, "error")
+            rows.append(row)
+    return rows
+
+
+def _sparse_row(mk, be, mode, inp, device, reps, ref, dense, attn) -> dict:
+    first, ms, out, _ = compiled_step(mk, be, mode, inp, device, reps)
+    sp = _sparsity(be)
+    limit = None if sp is None else dense / max(dense - 0.9 * sp * attn, 1e-9)
+    return dict(step_ms=ms, compile_s=first, sparsity=sp, speedup=dense / ms, limit_90pct=limit,
+                meets=None if limit is None else dense / ms >= limit,
+                rel_err_vs_dense=C.rel_l2(out, ref))
+
+
+COLUMNS = [("model", "model"), ("variant", "variant"), ("sparsity", "measured sparsity"),
+           ("step_ms", "step ms"), ("speedup", "speed-up"), ("limit_90pct", "90% of the mask's saving"),
+           ("attention_share", "dense attention share"), ("compile_s", "first call s"),
+           ("rel_err_vs_dense", "rel. err vs dense"), ("error", "error")]
+
+
+def run(args) -> dict:
+    from bench.common import allow_broken_torchvision
+
+    allow_broken_torchvision()
+    device = C.pick_device(args.quick)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    C.bump_dynamo_cache()
+    rows = []
+    for name in args.models.split(","):
+        rows += model_rows(name, args, device, dtype)
+        print(O.table(rows[-3:], COLUMNS), flush=True)
+    result = dict(rows=rows, env=C.environment(device), command=O.command_line())
+    O.write_result(Path(args.out), "models", "diffusers models, compile_repeated_blocks: inductor vs sparge",
+                   result, markdown(result))
+    return result
+
+
+def markdown(result: dict) -> list[tuple[str, str]]:
+    return [("Step times", O.table(result["rows"], COLUMNS))]
+
+
+main = module_entry(__spec__.name)  # python -m bench.model_steps [options]
