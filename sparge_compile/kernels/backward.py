@@ -46,6 +46,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, Keep, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
                    HAS_KEEP: tl.constexpr):
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)   # Inductor: fp64
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -125,6 +126,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, Keep, qk_scale
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr,
                      USE_TMA: tl.constexpr, HAS_KEEP: tl.constexpr):
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)   # Inductor: fp64
     j = tl.program_id(0)
     bhk = tl.program_id(1)
     Hkv = Hq // G

@@ -83,6 +83,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
                 HAS_KEEP: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)   # Inductor's launches pass a Python float as fp64
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
