@@ -288,3 +288,13 @@ def test_flex_falls_back_to_tiles_that_divide_the_mask():
 
     assert K.time_flex(broken, bm, (x, x, x), None, cpu, {}, errors, "g") == (None, None)
     assert "no choices" in errors["g"] and "own tiles" in errors["g_own_tiles"]
+
+
+def test_models_quick(tmp_path):
+    """bench models on tiny diffusers configs (CPU, PyTorch path): every row runs, the sparse row
+    reports a measured sparsity and stays close to dense."""
+    _bench("models", "--quick", "--models", "wan", "--targets", "0.5", "--reps", "1", "--out", str(tmp_path))
+    dense, sparse = _load(tmp_path, "models")["rows"]
+    assert dense["variant"] == "inductor dense" and 0 <= dense["attention_share"] <= 1
+    assert "error" not in sparse, sparse.get("error")
+    assert 0 < sparse["sparsity"] < 1 and sparse["rel_err_vs_dense"] < 0.5 and sparse["step_ms"] > 0

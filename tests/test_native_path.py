@@ -29,9 +29,10 @@ class Attn(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).flatten(2)
 
 
-@pytest.fixture
-def native_on_cpu(monkeypatch):
+@pytest.fixture(params=[False, True], ids=["triton-pool", "graph-pool"])
+def native_on_cpu(monkeypatch, request):
     monkeypatch.setattr(site_ops, "NATIVE_DEVICES", {"cpu"})
+    monkeypatch.setattr(site_ops, "GRAPH_POOL", request.param)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
