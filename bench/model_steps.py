@@ -69,8 +69,9 @@ def inputs(name: str, kw: dict, quick: bool, device, dtype) -> dict:
                     class_labels=torch.tensor([7], device=device), return_dict=False)
     if name == "flux":
         side, txt = (8, 4) if quick else (64, 512)
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)),
-                                             indexing="ij"), -1).reshape(-1, 3).to(device)
+        axis = torch.arange(float(side))
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        img_ids = img_ids.to(device)
         return dict(hidden_states=r(1, side * side, kw["in_channels"]),
                     encoder_hidden_states=r(1, txt, kw["joint_attention_dim"]),
                     pooled_projections=r(1, kw["pooled_projection_dim"]),

@@ -18,6 +18,7 @@ import threading
 import weakref
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .config import DEFAULT_CONFIG, SpargeConfig
 from .passes import sparsify_graph
@@ -71,7 +72,7 @@ def _parameters(gm: torch.fx.GraphModule, example_inputs):
     for node, x in zip(placeholders, example_inputs):
         if isinstance(x, torch.nn.Parameter):
             params.append(x)
-            if owner is None:
+            if owner is None and not is_traceable_wrapper_subclass(x):   # a torchao weight: not an owner
                 owner, owner_param = node, x
     return [weakref.ref(p) for p in params], owner, owner_param
 

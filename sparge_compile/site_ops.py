@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import ops
 from .config import SpargeConfig
@@ -177,7 +178,11 @@ def _op_layout(q, k, v, scale_parts):
 
 
 def _owner(owner):
-    return None if owner is None else owner.detach()
+    """The owner tag as the ops take it: a plain tensor (a tensor subclass such as a torchao
+    quantized weight cannot enter a custom op that has no rule for it: no tag then)."""
+    if owner is None or is_traceable_wrapper_subclass(owner):
+        return None
+    return owner.detach()
 
 
 def _key_padding(kv_keep, q: Tensor, k: Tensor):
