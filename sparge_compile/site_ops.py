@@ -194,9 +194,12 @@ def _key_padding(kv_keep, q: Tensor, k: Tensor):
     return keep.expand(q.shape[0], k.shape[2])
 
 
-def _native(q: Tensor, st: SiteState) -> bool:
-    return (st.knobs is not None and q.device.type in NATIVE_DEVICES and st.config.theta is None
-            and st.hook is None and st.per_owner is None)   # per-instance plans: chosen in Python
+def _native(q: Tensor, k: Tensor, keep, st: SiteState) -> bool:
+    """The native path where it ran on the GPU: static shapes, no key padding, no per-instance
+    plan (chosen in Python), no theta judge, no capture hook; otherwise the Python ops."""
+    static = all(isinstance(n, int) for n in (*q.shape, *k.shape))
+    return (st.knobs is not None and q.device.type in NATIVE_DEVICES and static and keep is None
+            and st.config.theta is None and st.hook is None and st.per_owner is None)
 
 
 def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
@@ -229,7 +232,7 @@ def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
     causal, keep = bool(is_causal), _key_padding(kv_keep, q, k)
     st = _state(site)
-    if _native(q, st):
+    if _native(q, k, keep, st):
         out = _native_site(q, k, v, scale, causal, keep, block_q, block_k, st)
         return out.squeeze(0) if squeeze else out
     mask = site_block_mask(q.detach(), k.detach(), scale, causal, block_q, block_k, site, _owner(owner), keep)

@@ -102,3 +102,27 @@ def test_graph_pooling_equals_the_pooling_kernel():
     qb, kb = pool_qk_triton(q, k, 32, 16)
     torch.testing.assert_close(native_ops.pool_blocks(q, 32, qb.shape[-1]), qb, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(native_ops.pool_blocks(k, 16, kb.shape[-1]), kb, rtol=1e-6, atol=1e-6)
+
+
+class PaddedAttn(Attn):
+    def forward(self, x, keep):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return o.transpose(1, 2).flatten(2)
+
+
+def test_sites_the_native_path_was_not_run_for_keep_the_python_ops(native_on_cpu):
+    """Key padding and symbolic shapes take the Python ops (their native form never ran on a GPU)."""
+    torch.manual_seed(4)
+    be = sc.backend(config=CFG, inner="eager")
+    keep = torch.ones(1, 200, dtype=torch.bool)
+    keep[:, 150:] = False
+    traced = sc.backend(config=CFG, inner="aot_eager")   # traced: the sizes are symbolic there
+    with torch.no_grad():
+        torch.compile(PaddedAttn(), backend=be)(torch.randn(1, 200, 64), keep)
+        dyn = torch.compile(Attn(), backend=traced, dynamic=True)
+        dyn(torch.randn(1, 200, 64))
+        dyn(torch.randn(1, 230, 64))
+    sites = [s for b in (be, traced) for g in b.graphs for s in g.sites if s.rewritten]
+    assert len(sites) >= 2 and not any(s.state.native for s in sites)
+    assert all(s.calls >= 1 and s.sparsity is not None for s in sites)
