@@ -4,7 +4,10 @@
   with the site's *current* topk/topp/mode, and records the mask for the report (a reference to
   the index tensors, no device sync). Reading the config at run time is what lets topk/topp/mode
   change without a recompile; block sizes fix output shapes and stay compile-time constants.
-* :func:`site_attention`: the replacement of one attention site (traced by AOTAutograd).
+* :func:`site_attention`: the replacement of one attention site (traced by AOTAutograd). On a
+  device in ``NATIVE_DEVICES`` (CUDA) with static shapes it calls :mod:`.native_ops` instead,
+  whose kernel launches Inductor emits itself; the site's topk/topp and its measured counts then
+  live in device tensors (``SiteState.knobs`` / ``counter``), and its mode is fixed.
 * :func:`mha_forward`: ``F.multi_head_attention_forward`` with its attention made sparse.
 * ``sparge::site_capture`` / :func:`site_capture_attention`: what a site calls in the graphs
   :func:`sparge_compile.calibrate` compiles: dense attention, with q, k, v handed to the hook
