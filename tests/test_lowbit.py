@@ -338,3 +338,34 @@ def test_gpu_qat_gradient():
     want = ops.block_sparse_attention_backward_op(dout, q, k, v, out, lse, *args)
     for g_, w in zip(grads, want):
         assert torch.equal(g_, w)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_backend_option_reaches_the_lowbit_forward(precision):
+    """options={"precision": ...} runs the compiled sites' low-bit forward (it was silently bf16):
+    the compiled output equals the low-bit op on the same mask, and differs from the bf16 one."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from sparge_compile import ops
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(64, 192)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    torch.manual_seed(0)
+    m, x = Attn(), torch.randn(1, 256, 64)
+    cfg = sc.SpargeConfig(topk=0.5, topp=0.0, block_q=32, block_k=16, min_seq_len=0, precision=precision)
+    with torch.no_grad():
+        y = torch.compile(m, backend=sc.backend(config=cfg, inner="aot_eager"))(x)
+        q, k, v = m.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        mask = ops.predict_block_mask_op(q, k, 32 ** -0.5, False, 0.5, 0.0, "hybrid", 32, 16)
+        low = sc.sparse_attention(q, k, v, config=cfg, block_mask=sc.SpargeBlockMask(*mask, 256, 256, 32, 16))
+        bf16 = ops.block_sparse_attention_op(q, k, v, *mask, 32 ** -0.5, False, 32, 16)[0]
+    torch.testing.assert_close(y, low, rtol=1e-5, atol=1e-5)
+    assert (y - bf16).abs().max() > 1e-4
