@@ -2,9 +2,10 @@
 
 Registered with ``torch.library.triton_op``: torch.compile traces their bodies, so each Triton
 launch (recorded through ``wrap_triton``, see :func:`.kernels.tuning.native`) lands in
-Inductor's generated code, with no Python op dispatch per call at run time. The rewritten graph
-pools q and k with plain tensor ops (:func:`pool_blocks`), where Inductor can fuse the block
-means into whatever produced q and k; scores and selection follow in two launches.
+Inductor's generated code, with no Python op dispatch per call at run time. The mask takes three
+launches (the Triton pooling kernel, scores, selection); with ``site_ops.GRAPH_POOL`` the graph
+pools q and k with tensor ops (:func:`pool_blocks`) instead, which Inductor did not fuse into the
+producer on the H200 (docs/perf-notes.md).
 
 * ``sparge::native_block_mask`` (qb, kb, ..., knobs) -> (kv_num_blocks, kv_indices); topk/topp
   are read from the site's ``knobs`` on the device (:func:`.kernels.mask.pack_knobs`: set_config
@@ -24,18 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
+from . import reference
 from .kernels import tuning
-from .reference import cdiv, key_blocks_visible
+from .reference import key_blocks_visible
 
 
 def pool_blocks(x: Tensor, block: int, tile: int) -> Tensor:
     """(B, H, N, D) -> (B, H, ceil(N / block), tile) fp32: the mean of each block's real tokens,
     the head dim zero-padded to ``tile`` (the layout the score kernel reads). Plain tensor ops."""
-    B, H, N, D = x.shape
-    nb = cdiv(N, block)
-    xs = F.pad(x.float(), (0, tile - D, 0, nb * block - N)).reshape(B, H, nb, block, tile).sum(3)
-    counts = (N - torch.arange(nb, device=x.device) * block).clamp(max=block).to(torch.float32)
-    return xs / counts[:, None]
+    return F.pad(reference.pool_blocks(x.float(), block), (0, tile - x.shape[-1]))
 
 
 _KEEP: list = []   # every site's knobs and counter: compiled code may hold their addresses
@@ -65,7 +63,7 @@ def native_block_mask(qb: Tensor, kb: Tensor, q_len: int, kv_len: int, scale: fl
         scores = block_scores_triton(qb, kb, scale)
         key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
         return select_triton(scores, q_len, kv_len, is_causal, 0.0, 0.0, mode, block_q, block_k,
-                             key_vis=key_vis, knobs=knobs, counter=True)
+                             key_vis=key_vis, knobs=knobs, count=True)
 
 
 @triton_op("sparge::native_attention", mutates_args={})

@@ -60,6 +60,7 @@ class SiteState:
     knobs: Tensor | None = None     # native sites: kernels.mask.pack_knobs(topk, topp, counter)
     counter: Tensor | None = None   # native sites: int64 [kept pairs, visible pairs, calls]
     native: bool = False            # traced with native_ops (mode and theta fixed at compile time)
+    per_owner: object = None   # fn(state, owner) -> SpargeConfig: a plan applied per module instance
 
     def measured(self) -> tuple[int, int, int] | None:
         """(kept, visible, calls) summed over the native calls so far (one device read), or None."""
@@ -67,7 +68,6 @@ class SiteState:
             return None
         kept, vis, calls = (int(x) for x in self.counter.tolist())
         return kept, vis, calls
-    per_owner: object = None   # fn(state, owner) -> SpargeConfig: a plan applied per module instance
 
     def config_for(self, owner: Tensor | None) -> SpargeConfig:
         """This call's config: the site's, or (``per_owner``, see sparge_compile.plan_scope) the
@@ -207,7 +207,8 @@ def _native(q: Tensor, k: Tensor, keep, st: SiteState) -> bool:
 
 
 def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
-    """The site through :mod:`.native_ops`: pooling as graph ops, two launches for the mask."""
+    """The site through :mod:`.native_ops`: the mask in three launches (pool, scores, select; with
+    GRAPH_POOL the pooling is graph ops and two), then the forward."""
     from . import native_ops
     from .kernels.tuning import head_dim_tile
 

@@ -279,17 +279,17 @@ def block_scores_triton(qb: torch.Tensor, kb: torch.Tensor, scale: float) -> tor
 
 
 def predict_mask_triton(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, *,
-                        pooled=None, knobs=None, counter=None):
+                        pooled=None, knobs=None, count=False):
     """Three launches: pool q and k, block scores, selection. Returns (kv_num_blocks, kv_indices).
     kv_keep: None or a (B, Nk) bool key-padding mask (key blocks of padding alone are hidden).
     pooled: None, or (qb, kb) already pooled (:func:`pool_qk_triton`'s layout): the pooling
-    launch is skipped. knobs, counter: see :func:`select_triton`."""
+    launch is skipped. knobs, count: see :func:`select_triton`."""
     Nq, Nk = q.shape[2], k.shape[2]
     qb, kb = pool_qk_triton(q, k, block_q, block_k) if pooled is None else pooled
     scores = block_scores_triton(qb, kb, scale)
     key_vis = None if kv_keep is None else key_blocks_visible(kv_keep, block_k).to(torch.int8)
     return select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, key_vis=key_vis,
-                         knobs=knobs, counter=counter)
+                         knobs=knobs, count=count)
 
 
 def pack_knobs(topk: float, topp: float, counter: torch.Tensor | None, out: torch.Tensor | None = None):
@@ -302,11 +302,11 @@ def pack_knobs(topk: float, topp: float, counter: torch.Tensor | None, out: torc
 
 
 def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k, block_m=None,
-                  num_warps=None, key_vis=None, knobs=None, counter=None):
+                  num_warps=None, key_vis=None, knobs=None, count=False):
     """Hybrid selection on (B, H, nq, nk) block scores: (kv_num_blocks, kv_indices). Tuning knobs (the
     kernel-tuning benchmark sets them): block_m query blocks per program, num_warps.
     knobs: None, or an int64 device tensor from :func:`pack_knobs` (topk, topp and the address of
-    a counter the kernel adds to; the caller keeps the counter alive); counter: whether it counts."""
+    a counter; the caller keeps the counter alive); count: the kernel adds to that counter."""
     B, Hq, nq, nk = scores.shape
     NK_P2 = max(16, triton.next_power_of_2(nk))
     interp = not scores.is_cuda
@@ -324,6 +324,6 @@ def select_triton(scores, Nq, Nk, is_causal, topk, topp, mode, block_q, block_k,
         float(topk), float(topp),
         Hq, Nq, Nk, nq, nk, BQ=block_q, BK=block_k, BLOCK_M=BLOCK_M, NK_P2=NK_P2,
         IS_CAUSAL=bool(is_causal), MODE=MODE_IDS[mode], PAIRWISE=pairwise, HAS_KEEP=key_vis is not None,
-        HAS_KNOBS=knobs is not None, COUNT=knobs is not None and bool(counter),
+        HAS_KNOBS=knobs is not None, COUNT=knobs is not None and bool(count),
         num_warps=num_warps or (4 if pairwise or interp else max(1, NK_P2 // SELECT_WARP_ELEMS)))
     return num, idx
