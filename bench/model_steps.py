@@ -177,9 +177,25 @@ COLUMNS = [("model", "model"), ("variant", "variant"), ("sparsity", "measured sp
            ("rel_err_vs_dense", "rel. err vs dense"), ("error", "error")]
 
 
+def _check_args(args) -> None:
+    bad = sorted(set(args.models.split(",")) - set(FULL))
+    if bad:
+        raise SystemExit(f"bench models: --models {bad} unknown; choose from {sorted(FULL)}")
+    bad = sorted(set(args.modes.split(",")) - {"default", "reduce-overhead"})
+    if bad:
+        raise SystemExit(f"bench models: --modes {bad} unknown; choose from default, reduce-overhead")
+    try:
+        ok = all(0 < float(t) < 1 for t in args.targets.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"bench models: --targets must be fractions in (0, 1), got {args.targets!r}")
+
+
 def run(args) -> dict:
     from bench.common import allow_broken_torchvision
 
+    _check_args(args)
     allow_broken_torchvision()
     device = C.pick_device(args.quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

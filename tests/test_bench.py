@@ -298,3 +298,10 @@ def test_models_quick(tmp_path):
     assert dense["variant"] == "inductor dense" and 0 <= dense["attention_share"] <= 1
     assert "error" not in sparse, sparse.get("error")
     assert 0 < sparse["sparsity"] < 1 and sparse["rel_err_vs_dense"] < 0.5 and sparse["step_ms"] > 0
+
+
+@pytest.mark.parametrize("argv,name", [(["--models", "sd3"], "--models"), (["--modes", "max"], "--modes"),
+                                       (["--targets", "95"], "--targets")])
+def test_models_bad_arguments_name_the_option(argv, name, tmp_path):
+    with pytest.raises(SystemExit, match=name):
+        _bench("models", "--quick", *argv, "--out", str(tmp_path))
