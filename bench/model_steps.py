@@ -48,13 +48,26 @@ QUICK = {
 }
 
 
-def build(name: str, quick: bool, device, dtype):
+def build(name: str, quick: bool, device, dtype, linears: str = "bf16"):
     import diffusers
 
     cls, kw = FULL[name]
     kw = dict(kw, **(QUICK[name] if quick else {}))
     torch.manual_seed(0)
-    return getattr(diffusers, cls)(**kw).to(device, dtype).eval(), kw
+    model = getattr(diffusers, cls)(**kw).to(device, dtype).eval()
+    if linears == "float8":
+        float8_linears(model)
+    return model, kw
+
+
+def float8_linears(model) -> None:
+    """torchao float8 (dynamic per-row activation and weight scales) on the model's linear layers."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def fits(mod, _fqn):
+        return isinstance(mod, torch.nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fits)
 
 
 def inputs(name: str, kw: dict, quick: bool, device, dtype) -> dict:
@@ -103,6 +116,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="0.9,0.95", help="target block sparsities (topk = 1 - target)")
     p.add_argument("--modes", default="default", help="comma-separated: default, reduce-overhead")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--linears", default="bf16",
+                   help="comma-separated: bf16, float8 (torchao float8 dynamic activations and weights, "
+                        "per-row scales, on every nn.Linear whose sizes are multiples of 16)")
 
 
 def step_ms(fn, device, reps: int) -> float:
@@ -152,10 +168,24 @@ def model_rows(name, a, device, dtype) -> list[dict]:
     attn = max(dense - noop, 0.0)
     rows.append(dict(model=name, variant="inductor dense", step_ms=dense, compile_s=first, speedup=1.0,
                      attention_ms=attn, attention_share=attn / dense))
+    for lin in a.linears.split(","):
+        mkl = mk if lin == "bf16" else (lambda: build(name, a.quick, device, dtype, lin)[0])  # noqa: E731
+        tag = "" if lin == "bf16" else f", {lin} linears"
+        if lin != "bf16":
+            row = dict(model=name, variant=f"inductor dense{tag}")
+            C.guarded(lambda: row.update(_sparse_row(mkl, "inductor", "default", inp, device, reps, ref,
+                                                     dense, attn)), row, "error")
+            rows.append(row)
+        rows += _sparse_rows(name, a, mkl, tag, inp, device, reps, ref, dense, attn)
+    return rows
+
+
+def _sparse_rows(name, a, mk, tag, inp, device, reps, ref, dense, attn) -> list[dict]:
+    rows = []
     for mode in a.modes.split(","):
         for t in (float(x) for x in a.targets.split(",")):
             be = sc.backend(config=sc.SpargeConfig(topk=1 - t, topp=0.0, min_seq_len=0 if a.quick else 1024))
-            row = dict(model=name, variant=f"sparge {t:.0%} ({mode})", target=t)
+            row = dict(model=name, variant=f"sparge {t:.0%} ({mode}{tag})", target=t)
             C.guarded(lambda: row.update(_sparse_row(mk, be, mode, inp, device, reps, ref, dense, attn)),
                       row, "error")
             rows.append(row)
@@ -164,7 +194,7 @@ def model_rows(name, a, device, dtype) -> list[dict]:
 
 def _sparse_row(mk, be, mode, inp, device, reps, ref, dense, attn) -> dict:
     first, ms, out, _ = compiled_step(mk, be, mode, inp, device, reps)
-    sp = _sparsity(be)
+    sp = _sparsity(be) if not isinstance(be, str) else None
     limit = None if sp is None else dense / max(dense - 0.9 * sp * attn, 1e-9)
     return dict(step_ms=ms, compile_s=first, sparsity=sp, speedup=dense / ms, limit_90pct=limit,
                 meets=None if limit is None else dense / ms >= limit,
@@ -181,6 +211,9 @@ def _check_args(args) -> None:
     bad = sorted(set(args.models.split(",")) - set(FULL))
     if bad:
         raise SystemExit(f"bench models: --models {bad} unknown; choose from {sorted(FULL)}")
+    bad = sorted(set(args.linears.split(",")) - {"bf16", "float8"})
+    if bad:
+        raise SystemExit(f"bench models: --linears {bad} unknown; choose from bf16, float8")
     bad = sorted(set(args.modes.split(",")) - {"default", "reduce-overhead"})
     if bad:
         raise SystemExit(f"bench models: --modes {bad} unknown; choose from default, reduce-overhead")
@@ -202,8 +235,9 @@ def run(args) -> dict:
     C.bump_dynamo_cache()
     rows = []
     for name in args.models.split(","):
-        rows += model_rows(name, args, device, dtype)
-        print(O.table(rows[-3:], COLUMNS), flush=True)
+        new = model_rows(name, args, device, dtype)
+        rows += new
+        print(O.table(new, COLUMNS), flush=True)
     result = dict(rows=rows, env=C.environment(device), command=O.command_line())
     O.write_result(Path(args.out), "models", "diffusers models, compile_repeated_blocks: inductor vs sparge",
                    result, markdown(result))
