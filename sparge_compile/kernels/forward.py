@@ -144,10 +144,11 @@ def fwd_defaults(block_d: int, tma: bool = False) -> dict:
     """Fixed launch settings (no autotune: the interpreter, SPARGE_AUTOTUNE=0), measured on the
     H100: warps and pipelining stages by the head-dim tile (:func:`tuning.head_dim_tile`, so a
     padded D = 72 runs as D = 128) and by how K/V are loaded (TMA needs fewer stages in flight
-    at D = 128)."""
+    at D = 128). Pointer loads at D = 128 take 2 stages too: 3 ran 1.29 vs 0.82 ms at 32760 tokens
+    (a partial last key block; the native path's launch, H200, 2026-12-02) and tied at 32768."""
     if block_d <= 64:
         return dict(num_warps=8, num_stages=3)
-    return dict(num_warps=4, num_stages=2 if tma else 3)
+    return dict(num_warps=4, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
