@@ -34,8 +34,11 @@ def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, pr
 
 
 def _setup_context(ctx, inputs, output):
-    """The bf16 op's context (the same saved tensors), ``precision`` left out."""
-    ops._setup_context(ctx, inputs[:9] + inputs[10:], output)
+    """q, k, v and the mask (not the low-bit out and lse: the backward recomputes the bf16 ones)."""
+    q, k, v, num, idx, scale, is_causal, block_q, block_k = inputs[:9]
+    keep = inputs[10] if len(inputs) > 10 else None
+    ctx.save_for_backward(q, k, v, num, idx, keep)
+    ctx.args = (scale, is_causal, block_q, block_k)
 
 
 def _backward(ctx, dout, dlse):
@@ -43,7 +46,7 @@ def _backward(ctx, dout, dlse):
     forward's out and log-sum-exp, recomputed here on the same mask: the low-bit forward's lse
     is that of the quantized scores (off by up to 0.77 on structured inputs, H200), and the bf16
     backward's P = exp(s - lse) is normalised only with the bf16 one. No gradient for ``precision``."""
-    q, k, v, _, _, num, idx, keep = ctx.saved_tensors
+    q, k, v, num, idx, keep = ctx.saved_tensors
     with torch.no_grad():
         out, lse = ops.block_sparse_attention_op(q, k, v, num, idx, *ctx.args, keep)
     dq, dk, dv = ops.block_sparse_attention_backward_op(dout, q, k, v, out, lse, num, idx, *ctx.args, keep)
