@@ -93,7 +93,7 @@ def test_reference_lse_error_within_the_format_bound(kind, precision):
     num, idx = random_mask(3, 1, 4, 1024, 1024, keep=0.3)
     z = Q.quantize_inputs(q.double(), k.double(), v.double(), 128 ** -0.5, 128, 64, precision)
     _, lse = Q.simulate_lowbit(z, num, idx, 128 ** -0.5, False, 128, 64)
-    _, ex = torch_impl.attention_fwd(q.double(), k.double(), v.double(), num, idx, 128 ** -0.5, False, 128, 64)
+    _, ex = torch_impl.attention_fwd(*(t.double() for t in (q, k, v)), num, idx, 128 ** -0.5, False, 128, 64)
     err = (lse - ex).abs()
     assert (err <= lse_bound(q, k, 128 ** -0.5)).all() and err.max() > 1e-4
 
