@@ -23,6 +23,10 @@ LOG2E = 1.4426950408889634  # log2(e): scores are exponentiated with exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
 # K/V through TMA tensor descriptors where the GPU has them (Hopper+); SPARGE_TMA=0 turns it off
 USE_TMA_DEFAULT = os.environ.get("SPARGE_TMA", "1") == "1"
+# Traced for Inductor (tuning.native) the forward builds its descriptors on the device
+# (tl.make_tensor_descriptor): torch 2.11's wrap_triton under make_fx takes no host descriptor.
+# SPARGE_DEVICE_TMA=0: pointer loads there.
+DEVICE_TMA_DEFAULT = os.environ.get("SPARGE_DEVICE_TMA", "0") == "1"
 
 
 @triton.jit
@@ -82,8 +86,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-                HAS_KEEP: tl.constexpr):
+                HAS_KEEP: tl.constexpr, DEVICE_TMA: tl.constexpr = False):
     qk_scale = tl.cast(qk_scale, tl.float32)   # Inductor's launches pass a Python float as fp64
+    if DEVICE_TMA:   # K, V come as pointers: their (B, Hkv, Nk, D) descriptors are built here
+        K = tl.make_tensor_descriptor(K, shape=[tl.num_programs(1) // Hq, Hq // G, Nk, D],
+                                      strides=[skb, skh, skn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(V, shape=[tl.num_programs(1) // Hq, Hq // G, Nk, D],
+                                      strides=[svb, svh, svn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -172,9 +181,42 @@ def tma_ok(x: torch.Tensor, D: int) -> bool:
     # TensorDescriptor (its mutation analysis fails and the graph cache hashes the fake tensor)
     if not (x.is_cuda and _tma_device(x.device.index)) or tuning.is_native():
         return False
+    return tma_layout_ok(x, D)
+
+
+def tma_layout_ok(x: torch.Tensor, D: int) -> bool:
+    """x's layout takes (1, 1, BLOCK_N, tile) TMA boxes: unit last stride, 16-byte aligned base
+    and strides, a head dim of at least 16 bytes. Traced (fake tensors have no address) the base
+    is its storage offset: Inductor copies a misaligned graph input before its kernels run."""
     es = x.element_size()
+    base = x.storage_offset() * es if tuning.is_native() else x.data_ptr()
     return (x.stride(-1) == 1 and D * es >= 16
-            and x.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
+            and base % 16 == 0 and all((st * es) % 16 == 0 for st in x.stride()[:-1]))
+
+
+def tma_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_tma) -> str | None:
+    """How the forward loads K and V: "host" descriptors, "device" ones (built in the kernel:
+    traced for Inductor, or asked for; the interpreter runs them too) or None (pointer loads)."""
+    D = q.shape[-1]
+    if use_tma is None:
+        use_tma = USE_TMA_DEFAULT and (DEVICE_TMA_DEFAULT or not tuning.is_native())
+    if not use_tma or v.shape[-1] != D:
+        return None
+    if use_tma == "device" or tuning.is_native():
+        gpu_ok = not q.is_cuda or _tma_device(q.device.index)
+        return "device" if gpu_ok and tma_layout_ok(k, D) and tma_layout_ok(v, D) else None
+    return "host" if tma_ok(k, D) and tma_ok(v, D) else None
+
+
+def _allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def device_tma_allocator() -> None:
+    """Device-built descriptors live in global scratch memory, which Triton's launcher takes
+    from the allocator set here (once per process; a torch allocation, so CUDA graphs pool it)."""
+    triton.set_allocator(_allocator)
 
 
 def descriptor(x: torch.Tensor, block_n: int):
@@ -193,25 +235,25 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
                          kv_keep=None, num_warps=None, num_stages=None, use_tma=None):
     """kv_keep: None or a (B, Nk) bool key-padding mask. Tuning knobs (the kernel-tuning
     benchmark sets them): num_warps, num_stages: fixed launch settings (default: autotuned on
-    CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor descriptors (default: where
-    :func:`tma_ok` allows)."""
+    CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor descriptors, True (host-built
+    ones, device-built when traced for Inductor) or "device" (default: :func:`tma_mode`)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = tuning.head_dim_tile(D)
-    if use_tma is None:
-        use_tma = USE_TMA_DEFAULT
-    use_tma = bool(use_tma) and tma_ok(k, D) and tma_ok(v, D) and v.shape[-1] == D
-    kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if use_tma else (k, v)
+    mode = tma_mode(q, k, v, use_tma)
+    if mode == "device" and q.is_cuda:
+        device_tma_allocator()
+    kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if mode == "host" else (k, v)
     keep = keep_pointer(kv_keep, kv_num_blocks)
     args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
-                USE_TMA=use_tma, HAS_KEEP=kv_keep is not None)
-    fixed = fwd_defaults(BLOCK_D, use_tma)
+                USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, DEVICE_TMA=mode == "device")
+    fixed = fwd_defaults(BLOCK_D, mode is not None)
     row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
     stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)
     tuning.launch(_fwd_kernel, _fwd_autotuned, (nq, B * Hq), q, args, meta, num_warps, num_stages,
@@ -219,4 +261,5 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
     return out, lse
 
 
-__all__ = ["attention_fwd_triton", "dot_precision", "fwd_defaults", "keep_pointer", "key_mask", "LOG2E"]
+__all__ = ["attention_fwd_triton", "dot_precision", "fwd_defaults", "keep_pointer", "key_mask", "LOG2E",
+           "tma_layout_ok", "tma_mode"]
