@@ -126,3 +126,24 @@ def test_sites_the_native_path_was_not_run_for_keep_the_python_ops(native_on_cpu
     sites = [s for b in (be, traced) for g in b.graphs for s in g.sites if s.rewritten]
     assert len(sites) >= 2 and not any(s.state.native for s in sites)
     assert all(s.calls >= 1 and s.sparsity is not None for s in sites)
+
+
+def test_native_site_with_device_descriptors_matches_python_ops(native_on_cpu, monkeypatch):
+    """The native forward with its K/V descriptors built in the kernel (what large calls trace to
+    on Hopper; forced here for a small one), run by the interpreter: same output as the ops."""
+    from sparge_compile.kernels import forward
+
+    monkeypatch.setattr(forward, "DEVICE_TMA_MIN_WORK", 0)
+    modes, real = [], forward.tma_mode
+    monkeypatch.setattr(forward, "tma_mode", lambda *a: modes.append(real(*a)) or modes[-1])
+    torch.manual_seed(1)
+    model, x = Attn(), torch.randn(1, 150, 64)
+    cm = torch.compile(model, backend=sc.backend(config=CFG, inner="eager"))
+    with torch.no_grad():
+        y = cm(x)
+        q, k, v = _qkv(model, x)
+    assert "device" in modes
+    scale = q.shape[-1] ** -0.5
+    num, idx = ops.predict_block_mask_op(q, k, scale, False, CFG.topk, CFG.topp, CFG.mode, 32, 16)
+    ref, _ = ops.block_sparse_attention_op(q, k, v, num, idx, scale, False, 32, 16)
+    torch.testing.assert_close(y, ref.transpose(1, 2).flatten(2), rtol=1e-5, atol=1e-5)

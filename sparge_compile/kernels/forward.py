@@ -25,8 +25,12 @@ _LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
 USE_TMA_DEFAULT = os.environ.get("SPARGE_TMA", "1") == "1"
 # Traced for Inductor (tuning.native) the forward builds its descriptors on the device
 # (tl.make_tensor_descriptor): torch 2.11's wrap_triton under make_fx takes no host descriptor.
-# SPARGE_DEVICE_TMA=0: pointer loads there.
-DEVICE_TMA_DEFAULT = os.environ.get("SPARGE_DEVICE_TMA", "0") == "1"
+# Bit-identical to pointer loads; compiled 32768x128 at 95% 0.887 -> 0.786 ms (H200, 2026-12-03,
+# bench/tools/fwd_probe.py). Only on calls of at least DEVICE_TMA_MIN_WORK dense score entries
+# (B·Hq·Nq·Nk): the kernel then needs a global-scratch allocation per launch, host time that
+# small, host-bound calls cannot hide. SPARGE_DEVICE_TMA=0: pointer loads throughout.
+DEVICE_TMA_DEFAULT = os.environ.get("SPARGE_DEVICE_TMA", "1") == "1"
+DEVICE_TMA_MIN_WORK = int(os.environ.get("SPARGE_DEVICE_TMA_MIN_WORK", str(2 ** 32)))
 
 
 @triton.jit
@@ -198,8 +202,11 @@ def tma_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_tma) -> str 
     """How the forward loads K and V: "host" descriptors, "device" ones (built in the kernel:
     traced for Inductor, or asked for; the interpreter runs them too) or None (pointer loads)."""
     D = q.shape[-1]
-    if use_tma is None:
-        use_tma = USE_TMA_DEFAULT and (DEVICE_TMA_DEFAULT or not tuning.is_native())
+    if use_tma is None and tuning.is_native():
+        work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        use_tma = USE_TMA_DEFAULT and DEVICE_TMA_DEFAULT and work >= DEVICE_TMA_MIN_WORK
+    elif use_tma is None:
+        use_tma = USE_TMA_DEFAULT
     if not use_tma or v.shape[-1] != D:
         return None
     if use_tma == "device" or tuning.is_native():
