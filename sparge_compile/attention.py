@@ -23,9 +23,10 @@ class _EagerSparseAttention(torch.autograd.Function):
     docs/perf-notes.md); anything torch.compile traces goes through the ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep):
+    def forward(ctx, q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep,
+                pv_threshold=None):
         out, lse = kernels.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
-                                         block_k, kv_keep)
+                                         block_k, kv_keep, pv_threshold)
         ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, kv_keep)
         ctx.args = (scale, is_causal, block_q, block_k)
         return out
@@ -35,7 +36,7 @@ class _EagerSparseAttention(torch.autograd.Function):
         q, k, v, out, lse, kv_num_blocks, kv_indices, kv_keep = ctx.saved_tensors
         dq, dk, dv = kernels.attention_bwd(dout.contiguous(), q, k, v, out, lse, kv_num_blocks, kv_indices,
                                            *ctx.args, kv_keep)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _predict(q, k, scale, is_causal, cfg, kv_keep=None):
@@ -47,13 +48,14 @@ def _predict(q, k, scale, is_causal, cfg, kv_keep=None):
 
 
 def _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
-            precision="bf16"):
+            precision="bf16", pv_threshold=None):
     if precision != "bf16":  # the low-bit forward, its bf16 gradient (QAT): always through its op
         from .ops_lowbit import block_sparse_attention_lowbit_op
 
         return block_sparse_attention_lowbit_op(q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal),
                                                 block_q, block_k, precision, kv_keep)[0]
-    args = (q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k, kv_keep)
+    args = (q, k, v, kv_num_blocks, kv_indices, scale, bool(is_causal), block_q, block_k, kv_keep,
+            pv_threshold)
     if torch.compiler.is_compiling():
         return ops.block_sparse_attention_op(*args)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -100,6 +102,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     cfg = _config(config)
     precision = cfg.precision if precision is None else check_precision("precision", precision)
+    if precision != "bf16" and cfg.pv_threshold is not None:
+        raise ValueError(f"sparse_attention: config.pv_threshold (the P·V filter) runs in the bf16 forward "
+                         f"only, not with precision={precision!r}")
     check_flag("is_causal", is_causal)
     check_flag("return_mask", return_mask)
     scale = check_qkv(q, k, v, scale)
@@ -111,7 +116,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         check_block_mask(block_mask, q, k)
         kv_num_blocks, kv_indices = block_mask.kv_num_blocks, block_mask.kv_indices
         bq, bk = block_mask.block_q, block_mask.block_k
-    out = _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, bq, bk, kv_keep, precision)
+    out = _attend(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, bq, bk, kv_keep, precision,
+                  cfg.pv_threshold)
     if return_mask:
         mask = block_mask if block_mask is not None else SpargeBlockMask(
             kv_num_blocks, kv_indices, q.shape[2], k.shape[2], bq, bk, bool(is_causal))._trusted()

@@ -41,6 +41,21 @@ class _Replace:
         return dataclasses.replace(self, **changes)
 
 
+def _type_error(field: str, what: str, got) -> TypeError:
+    return TypeError(f"{field} must be {what}, got {type(got).__name__} {got!r}")
+
+
+def _check_number(field: str, x, *, optional: bool = False, low: float = 0.0, low_open: bool = False):
+    """A finite real >= low (> low with low_open); None passes when optional."""
+    if x is None and optional:
+        return None
+    if not is_real(x):
+        raise _type_error(field, "a number" + (" (or None)" if optional else ""), x)
+    if not math.isfinite(x) or x < low or (low_open and x == low):
+        raise ValueError(f"{field} must be a finite number {'>' if low_open else '>='} {low:g}, got {x}")
+    return float(x)
+
+
 @dataclass(frozen=True)
 class SpargeConfig(_Replace):
     """Configuration of the sparse attention (frozen, validated on construction).
@@ -57,6 +72,12 @@ class SpargeConfig(_Replace):
            Q·Kᵀ and P·V) or "int8" (INT8 Q·Kᵀ, P·V in q's dtype); K smoothed, per-block scales
            (kernels/quant.py). The backward is the bf16 gradient of the same masked attention
            either way (quantization-aware training).
+    pv_threshold: SpargeAttn's in-kernel P·V filter, None (off) or λ > 0: walking a query
+           block's kept key blocks, one is skipped (no exp, no P·V) when every row's largest
+           scaled score in it is more than λ below the row's running max, so each skipped
+           weight is below e^-λ of the row's largest (reference.pv_filter_blocks). The backward
+           is the gradient of attention on the predicted mask (skipped blocks' P < e^-λ
+           included). Fixed when a graph is compiled; bf16 forward only.
     """
 
     topk: float = 0.03
@@ -67,6 +88,7 @@ class SpargeConfig(_Replace):
     min_seq_len: int = 1024
     theta: float | None = None
     precision: str = "bf16"
+    pv_threshold: float | None = None
 
     def __post_init__(self):
         check_precision("SpargeConfig.precision", self.precision)
@@ -89,6 +111,11 @@ class SpargeConfig(_Replace):
             raise ValueError(f"SpargeConfig.min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
         if self.theta is not None:
             object.__setattr__(self, "theta", _check_theta(self.theta))
+        lam = _check_number("SpargeConfig.pv_threshold", self.pv_threshold, optional=True, low_open=True)
+        if lam is not None and self.precision != "bf16":
+            raise ValueError("SpargeConfig.pv_threshold (the P·V filter) runs in the bf16 forward only, "
+                             f"not with precision={self.precision!r}")
+        object.__setattr__(self, "pv_threshold", lam)
 
 
 def _check_theta(theta) -> float:
@@ -100,21 +127,6 @@ def _check_theta(theta) -> float:
 
 
 DEFAULT_CONFIG = SpargeConfig()
-
-
-def _type_error(field: str, what: str, got) -> TypeError:
-    return TypeError(f"{field} must be {what}, got {type(got).__name__} {got!r}")
-
-
-def _check_number(field: str, x, *, optional: bool = False, low: float = 0.0, low_open: bool = False):
-    """A finite real >= low (> low with low_open); None passes when optional."""
-    if x is None and optional:
-        return None
-    if not is_real(x):
-        raise _type_error(field, "a number" + (" (or None)" if optional else ""), x)
-    if not math.isfinite(x) or x < low or (low_open and x == low):
-        raise ValueError(f"{field} must be a finite number {'>' if low_open else '>='} {low:g}, got {x}")
-    return float(x)
 
 
 @dataclass(frozen=True)

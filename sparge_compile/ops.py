@@ -5,7 +5,8 @@
   in q, k and v (the mask is a constant); lse is not differentiated
 * ``sparge::block_sparse_attention_backward`` -> (dq, dk, dv)
 
-Each takes an optional ``kv_keep`` (B, Nk) bool key-padding mask (False: the key is hidden).
+Each takes an optional ``kv_keep`` (B, Nk) bool key-padding mask (False: the key is hidden); the
+forward an optional ``pv_threshold`` (SpargeAttn's P·V filter λ; the backward ignores it).
 torch.compile traces all three with no graph break (fake kernels give the output metadata).
 """
 from __future__ import annotations
@@ -34,13 +35,15 @@ def _(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_keep=None, 
 @torch.library.custom_op("sparge::block_sparse_attention", mutates_args=())
 def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                               scale: float, is_causal: bool, block_q: int, block_k: int,
-                              kv_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                              kv_keep: Tensor | None = None,
+                              pv_threshold: float | None = None) -> tuple[Tensor, Tensor]:
     return kernels.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
-                                 kv_keep)
+                                 kv_keep, pv_threshold)
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
+def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
+      pv_threshold=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
@@ -73,7 +76,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_num_blocks, kv_indices, kv_keep = ctx.saved_tensors
     dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                                     *ctx.args, kv_keep)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def cdiv(a: int, b: int) -> int:
@@ -219,3 +220,43 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     s = s.masked_fill(~m, float("-inf"))
     sees = m.any(-1, keepdim=True)   # a row that sees no key gives 0 (SDPA's safe softmax)
     return torch.softmax(s.masked_fill(~sees, 0.0), dim=-1).masked_fill(~sees, 0.0) @ v
+
+
+def pv_filter_blocks(scores: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                     block_q: int, block_k: int, threshold: float) -> torch.Tensor:
+    """SpargeAttn's online softmax-aware filter, as the blocks it leaves computed.
+
+    scores: (B, H, rows, Nk) scaled scores (-inf where masked) of whole query blocks (the last
+    may be partial); kv_num_blocks (B, H, nqb), kv_indices (B, H, nqb, nk): those blocks' rows
+    of the mask. Walking each query block's kept key blocks in kv_indices order, a block is
+    skipped when every row's largest score in it is more than ``threshold`` below that row's
+    running max over the blocks before it (skipped ones included: a skipped block is below the
+    max, so cannot raise it). Returns (B, H, nqb, nk) bool: the kept blocks not skipped."""
+    B, H, rows, Nk = scores.shape
+    nqb, nk = kv_indices.shape[-2:]
+    pad = nk * block_k - Nk
+    rm = F.pad(scores, (0, pad), value=float("-inf")).view(B, H, rows, nk, block_k).amax(-1)
+    idx = kv_indices.long().clamp(0, nk - 1)   # entries past kv_num_blocks may hold anything
+    order = idx.repeat_interleave(block_q, dim=2)[:, :, :rows]
+    rm = torch.gather(rm, -1, order)                       # (B, H, rows, nk) in walk order
+    before = torch.cummax(rm, -1).values.roll(1, -1)
+    before[..., 0] = float("-inf")
+    live = rm >= before - threshold                        # -inf >= -inf: a row yet unseen is live
+    live = F.pad(live, (0, 0, 0, nqb * block_q - rows)).view(B, H, nqb, block_q, nk).any(3)
+    kept = torch.arange(nk, device=scores.device) < kv_num_blocks[..., None].long()
+    out = torch.zeros(B, H, nqb, nk, dtype=torch.int8, device=scores.device)
+    return out.scatter_reduce_(-1, idx, (live & kept).to(torch.int8), "amax").bool()
+
+
+def pv_filter_mask(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                   scale: float, is_causal: bool, block_q: int, block_k: int, threshold: float,
+                   kv_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, H, nq, nk) bool block mask the forward computes under the P·V filter with
+    ``threshold`` (λ): :func:`pv_filter_blocks` on the full scores (a reference: O(Nq·Nk))."""
+    G = q.shape[1] // k.shape[1]
+    nk = cdiv(k.shape[2], block_k)
+    dense = torch.ones(*kv_indices.shape[:-1], nk, dtype=torch.bool, device=q.device)
+    m = dense_token_mask(dense, q.shape[2], k.shape[2], block_q, block_k, is_causal, kv_keep)
+    s = (q @ k.repeat_interleave(G, dim=1).transpose(-2, -1)) * scale
+    return pv_filter_blocks(s.masked_fill(~m, float("-inf")), kv_num_blocks, kv_indices, block_q, block_k,
+                            threshold)

@@ -199,11 +199,12 @@ def _key_padding(kv_keep, q: Tensor, k: Tensor):
 
 def _native(q: Tensor, k: Tensor, keep, st: SiteState) -> bool:
     """The native path where it ran on the GPU: static shapes, no key padding, no per-instance
-    plan (chosen in Python), no theta judge, no capture hook, bf16; otherwise the Python ops."""
+    plan (chosen in Python), no theta judge, no P·V filter, no capture hook, bf16; otherwise the
+    Python ops."""
     static = all(isinstance(n, int) for n in (*q.shape, *k.shape))
     return (st.knobs is not None and q.device.type in NATIVE_DEVICES and static and keep is None
             and st.config.theta is None and st.hook is None and st.per_owner is None
-            and st.config.precision == "bf16")
+            and st.config.precision == "bf16" and st.config.pv_threshold is None)
 
 
 def _native_site(q, k, v, scale, causal, keep, block_q, block_k, st):
@@ -247,7 +248,8 @@ def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool
         out, _ = block_sparse_attention_lowbit_op(q, k, v, *mask, scale, causal, block_q, block_k,
                                                   st.config.precision, keep)
     else:
-        out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, keep)
+        out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, keep,
+                                               st.config.pv_threshold)
     return out.squeeze(0) if squeeze else out
 
 

@@ -47,15 +47,17 @@ def predict_mask(q, k, scale, is_causal, topk, topp, mode, block_q, block_k, kv_
     return torch_impl.dense_to_indices(torch_impl.indices_to_dense(num, idx, nk) | kept)
 
 
-def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
-    """kv_keep: None, or a (B, Nk) bool key-padding mask (hidden keys masked element-wise)."""
+def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
+                  pv_threshold=None):
+    """kv_keep: None, or a (B, Nk) bool key-padding mask (hidden keys masked element-wise).
+    pv_threshold: None, or SpargeAttn's P·V filter λ (:func:`..reference.pv_filter_blocks`)."""
     if use_triton(q):
         from .forward import attention_fwd_triton
 
         return attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
-                                    kv_keep=kv_keep)
+                                    kv_keep=kv_keep, pv_threshold=pv_threshold)
     return torch_impl.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
-                                    kv_keep)
+                                    kv_keep, pv_threshold)
 
 
 def attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,

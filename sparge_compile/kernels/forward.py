@@ -44,15 +44,31 @@ def key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP: tl.constexpr):
 
 @triton.jit
 def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC: tl.constexpr,
-                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  pv_lam=0.0, q_ok=None, PV_FILTER: tl.constexpr = False):
     """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows offs_k.
-    The scale·log2(e) factor is folded into the exponent (one FMA per score)."""
+    The scale·log2(e) factor is folded into the exponent (one FMA per score).
+    PV_FILTER (SpargeAttn's filter): the block is skipped (no exp, no P·V) when no real row
+    (q_ok) has its block max within pv_lam (log2 units) of its running max."""
     if not EVEN_N:
         s = tl.where(k_ok[None, :], s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
     s = key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP)
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_blk = tl.max(s, 1) * qk_scale
+    if PV_FILTER:
+        live = (m_blk >= m_i - pv_lam) & q_ok
+        if tl.max(live.to(tl.int32), 0) > 0:
+            m_i, l_i, acc = _update(s, m_blk, m_i, l_i, acc, v, qk_scale, PREC, IS_CAUSAL, HAS_KEEP)
+    else:
+        m_i, l_i, acc = _update(s, m_blk, m_i, l_i, acc, v, qk_scale, PREC, IS_CAUSAL, HAS_KEEP)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _update(s, m_blk, m_i, l_i, acc, v, qk_scale, PREC: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            HAS_KEEP: tl.constexpr):
+    m_new = tl.maximum(m_i, m_blk)
     if IS_CAUSAL or HAS_KEEP:  # a row may see no key in this tile yet
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -67,7 +83,7 @@ def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base
 @triton.jit
 def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
             skn, skd, svn, svd, keep_base, PREC: tl.constexpr, EVEN: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+            IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, pv_lam, q_ok, PV_FILTER: tl.constexpr):
     """One online-softmax step over the key rows offs_k (pointer loads)."""
     k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
@@ -80,18 +96,19 @@ def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_s
         v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     return _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC, EVEN,
-                         IS_CAUSAL, HAS_KEEP)
+                         IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale, pv_lam,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-                HAS_KEEP: tl.constexpr, DEVICE_TMA: tl.constexpr = False):
+                HAS_KEEP: tl.constexpr, DEVICE_TMA: tl.constexpr = False, PV_FILTER: tl.constexpr = False):
     qk_scale = tl.cast(qk_scale, tl.float32)   # Inductor's launches pass a Python float as fp64
+    pv_lam = tl.cast(pv_lam, tl.float32)
     if DEVICE_TMA:   # K, V come as pointers: their (B, Hkv, Nk, D) descriptors are built here
         K = tl.make_tensor_descriptor(K, shape=[tl.num_programs(1) // Hq, Hq // G, Nk, D],
                                       strides=[skb, skh, skn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
@@ -107,6 +124,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
     d_ok = (offs_d < D) if not EVEN_D else (offs_d < BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=(offs_m < Nq)[:, None] & d_ok[None, :], other=0.0)
+    q_ok = offs_m < Nq
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -123,7 +141,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
             v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             m_i, l_i, acc = _softmax_step(s, offs_k < Nk, offs_k, offs_m, m_i, l_i, acc, v, qk_scale,
-                                          keep_base, PREC, EVEN_N, IS_CAUSAL, HAS_KEEP)
+                                          keep_base, PREC, EVEN_N, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok,
+                                          PV_FILTER)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
@@ -131,7 +150,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale,
             offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
                                     qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, EVEN, IS_CAUSAL,
-                                    HAS_KEEP)
+                                    HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
@@ -239,11 +258,14 @@ _fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "E
 
 
 def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, *,
-                         kv_keep=None, num_warps=None, num_stages=None, use_tma=None):
+                         kv_keep=None, num_warps=None, num_stages=None, use_tma=None, pv_threshold=None):
     """kv_keep: None or a (B, Nk) bool key-padding mask. Tuning knobs (the kernel-tuning
     benchmark sets them): num_warps, num_stages: fixed launch settings (default: autotuned on
     CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor descriptors, True (host-built
-    ones, device-built when traced for Inductor) or "device" (default: :func:`tma_mode`)."""
+    ones, device-built when traced for Inductor) or "device" (default: :func:`tma_mode`).
+    pv_threshold: None, or SpargeAttn's λ (natural-log units of the scaled scores): a kept block
+    is skipped when no row's block max is within λ of its running max (see _softmax_step;
+    reference: :func:`sparge_compile.reference.pv_filter_mask`)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -255,11 +277,13 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
         device_tma_allocator()
     kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if mode == "host" else (k, v)
     keep = keep_pointer(kv_keep, kv_num_blocks)
-    args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E,
+    lam = 0.0 if pv_threshold is None else float(pv_threshold) * LOG2E
+    args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E, lam,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
-                USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, DEVICE_TMA=mode == "device")
+                USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, DEVICE_TMA=mode == "device",
+                PV_FILTER=pv_threshold is not None)
     fixed = fwd_defaults(BLOCK_D, mode is not None)
     row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
     stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)

@@ -89,7 +89,10 @@ def _expand_kv(x, G):
     return x if G == 1 else x.repeat_interleave(G, dim=1)
 
 
-def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None):
+def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
+                  pv_threshold=None):
+    """pv_threshold: SpargeAttn's P·V filter (:func:`sparge_compile.reference.pv_filter_blocks`),
+    applied per chunk of whole query blocks."""
     acc = _acc_dtype(q)
     G = q.shape[1] // k.shape[1]
     qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), G), _expand_kv(v.to(acc), G)
@@ -98,6 +101,12 @@ def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for s, e in _chunks(q.shape[2], block_q):
         sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k, kv_keep)
+        if pv_threshold is not None:
+            i0, i1 = s // block_q, R.cdiv(e, block_q)
+            live = R.pv_filter_blocks(sc, kv_num_blocks[:, :, i0:i1], kv_indices[:, :, i0:i1], block_q,
+                                      block_k, pv_threshold)
+            live = R.dense_token_mask(live, e - s, k.shape[2], block_q, block_k, False)
+            sc = sc.masked_fill(~live, float("-inf"))
         l = torch.logsumexp(sc, dim=-1)
         # a row that sees no key (a mask predicted without is_causal, used with it) gives 0 and
         # lse -inf, as in the Triton kernel, not NaN
