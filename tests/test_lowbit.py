@@ -326,9 +326,11 @@ def test_gpu_kernel_matches_simulation(precision, pv, layout):
     zs = z._replace(q8=z.q8[:, :, :2000], k8=z.k8[:, :, :2000],
                     v8=v8[:, :, :2000] if z.vs is not None else z.v8)
     ref, ref_lse = Q.simulate_lowbit(zs, num, idx, 128 ** -0.5, True, 128, 64)
-    # fp32 vs float64 P (its e4m3 rounding may flip) and the MMA's own accumulation: not bit-exact
+    # fp32 vs float64 P (its e4m3 rounding may flip) and the MMA's own accumulation: not bit-exact;
+    # Hopper's FP8 MMA accumulates Q·Kᵀ with fewer mantissa bits than fp32 (H200, 2026-12-03: lse
+    # 1.2e-3 relative off at lse ~20, INT8 exact)
     assert rel(out, ref) < 3e-3
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=2e-3 if precision == "fp8" else 1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -336,10 +338,12 @@ def test_gpu_qat_gradient():
     q, k, v = (x.requires_grad_() for x in inputs("structured", 1, 4, 2, 2048, 128, torch.bfloat16, "cuda"))
     num, idx = (t.cuda() for t in random_mask(6, 1, 4, 2048, 2048, keep=0.3))
     args = (num, idx, 128 ** -0.5, False, 128, 64)
-    out, lse = block_sparse_attention_lowbit_op(q, k, v, *args, "int8")
+    out, _ = block_sparse_attention_lowbit_op(q, k, v, *args, "int8")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    want = ops.block_sparse_attention_backward_op(dout, q, k, v, out, lse, *args)
+    with torch.no_grad():   # the QAT backward: the bf16 gradient on the bf16 forward's out and lse
+        out16, lse16 = ops.block_sparse_attention_op(q, k, v, *args)
+    want = ops.block_sparse_attention_backward_op(dout, q, k, v, out16, lse16, *args)
     for g_, w in zip(grads, want):
         assert torch.equal(g_, w)
 
