@@ -142,7 +142,7 @@ def test_gpu_kernel_matches_the_reference(lam, causal):
     scale (on model-like ones, 128-row tiles rarely let a block go: H200 probe) against
     exact float64 attention on the blocks the reference filter leaves. A block whose decision is
     a near-tie (fp32 vs float64 scores) may flip: its weight is below e^-λ, inside the bound."""
-    q, k, v = (x.to("cuda", torch.bfloat16) for x in problem(7, 1, 4, 2, 4096, 128, 3.0))
+    q, k, v = (x.to("cuda", torch.bfloat16) for x in problem(7, 1, 4, 2, 4096, 128, 6.0))
     m = sc.predict_block_mask(q, k, config=sc.SpargeConfig(topk=0.2, topp=0.0), is_causal=causal)
     args = (m.kv_num_blocks, m.kv_indices, 128 ** -0.5, causal, 128, 64)
     live = R.pv_filter_mask(q.double(), k.double(), *args, lam)
