@@ -116,7 +116,9 @@ class Attn(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def test_backend_runs_the_filter_and_refuses_to_change_it_at_run_time():
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton", "pytorch-path"])
+def test_backend_runs_the_filter_and_refuses_to_change_it_at_run_time(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     torch.manual_seed(0)
     cfg = sc.SpargeConfig(topk=0.5, topp=0.3, block_q=32, block_k=16, min_seq_len=0, pv_threshold=1.0)
     model, x = Attn(), torch.randn(1, 200, 64) * 3
@@ -152,3 +154,21 @@ def test_gpu_kernel_matches_the_reference(lam, causal):
         out, _ = forward.attention_fwd_triton(q, k, v, *args, pv_threshold=lam, use_tma=tma)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (tma, err)
+
+
+def test_training_through_inductor_on_the_pytorch_path(monkeypatch):
+    """Inductor (CPU PyTorch path): the compiled model's gradients with the filter on equal eager
+    sparse attention's with the same config."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    cfg = sc.SpargeConfig(topk=0.5, topp=0.3, block_q=32, block_k=16, min_seq_len=0, pv_threshold=1.0)
+    model, x = Attn(), torch.randn(1, 200, 64) * 3
+    x[:, 100:116] *= 6
+    torch._dynamo.reset()
+    torch.compile(model, backend=sc.backend(config=cfg))(x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+    sc.sparse_attention(q, k, v, config=cfg).transpose(1, 2).flatten(2).square().sum().backward()
+    for g_, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g_, p.grad, rtol=1e-4, atol=1e-4)
