@@ -43,18 +43,36 @@ def key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC: tl.constexpr,
-                  EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  pv_lam=0.0, q_ok=None, PV_FILTER: tl.constexpr = False):
-    """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows offs_k.
-    The scale·log2(e) factor is folded into the exponent (one FMA per score).
+def _element_masks(s, start, offs_m, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """-inf on keys past Nk and, causal, on keys after the query row: only on the tiles that
+    have such keys (the partial last key block; the tiles the diagonal crosses), decided per
+    tile at run time (right for any order of kept blocks). The branch holds the selects alone,
+    so the K/V loads stay software-pipelined."""
+    if (not EVEN_N) or IS_CAUSAL:
+        edge = start + BLOCK_N > Nk
+        if IS_CAUSAL:
+            edge = edge | (start + BLOCK_N - 1 > tl.program_id(0) * BLOCK_M)
+        if edge:
+            offs_k = start + tl.arange(0, BLOCK_N)
+            if not EVEN_N:
+                s = tl.where((offs_k < Nk)[None, :], s, float("-inf"))
+            if IS_CAUSAL:
+                s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk, keep_base, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, pv_lam, q_ok, PV_FILTER: tl.constexpr):
+    """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows start ...
+    start + BLOCK_N - 1. The scale·log2(e) factor is folded into the exponent (one FMA per score).
     PV_FILTER (SpargeAttn's filter): the block is skipped (no exp, no P·V) when no real row
     (q_ok) has its block max within pv_lam (log2 units) of its running max."""
-    if not EVEN_N:
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-    if IS_CAUSAL:
-        s = tl.where(offs_k[None, :] <= offs_m[:, None], s, float("-inf"))
-    s = key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP)
+    s = _element_masks(s, start, offs_m, Nk, BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL)
+    offs_k = start + tl.arange(0, BLOCK_N)
+    s = key_mask(s, keep_base, offs_k, offs_k < Nk, HAS_KEEP)
     m_blk = tl.max(s, 1) * qk_scale
     if PV_FILTER:
         live = (m_blk >= m_i - pv_lam) & q_ok
@@ -81,10 +99,12 @@ def _update(s, m_blk, m_i, l_i, acc, v, qk_scale, PREC: tl.constexpr, IS_CAUSAL:
 
 
 @triton.jit
-def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
-            skn, skd, svn, svd, keep_base, PREC: tl.constexpr, EVEN: tl.constexpr,
+def _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
+            skn, skd, svn, svd, keep_base, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            EVEN_N: tl.constexpr, EVEN: tl.constexpr,
             IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, pv_lam, q_ok, PV_FILTER: tl.constexpr):
-    """One online-softmax step over the key rows offs_k (pointer loads)."""
+    """One online-softmax step over the key rows start ... start + BLOCK_N - 1 (pointer loads)."""
+    offs_k = start + tl.arange(0, BLOCK_N)
     k_ptrs = k_base + offs_k[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = v_base + offs_k[:, None] * svn + offs_d[None, :] * svd
     k_ok = offs_k < Nk
@@ -95,8 +115,8 @@ def _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_s
         k = tl.load(k_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
-    return _softmax_step(s, k_ok, offs_k, offs_m, m_i, l_i, acc, v, qk_scale, keep_base, PREC, EVEN,
-                         IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
+    return _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk, keep_base, PREC,
+                               BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
 
 
 @triton.jit
@@ -136,21 +156,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale, pv_lam,
     if USE_TMA:  # K and V are (B, Hkv, Nk, D) tensor descriptors; rows past Nk read as zeros
         for t in range(n_kept):
             start = tl.load(lut + t) * BLOCK_N
-            offs_k = start + tl.arange(0, BLOCK_N)
             k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            m_i, l_i, acc = _softmax_step(s, offs_k < Nk, offs_k, offs_m, m_i, l_i, acc, v, qk_scale,
-                                          keep_base, PREC, EVEN_N, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok,
-                                          PV_FILTER)
+            m_i, l_i, acc = _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk,
+                                                keep_base, PREC, BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL,
+                                                HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         for t in range(n_kept):
-            offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = _attend(q, k_base, v_base, offs_k, offs_d, d_ok, offs_m, m_i, l_i, acc,
-                                    qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, EVEN, IS_CAUSAL,
-                                    HAS_KEEP, pv_lam, q_ok, PV_FILTER)
+            start = tl.load(lut + t) * BLOCK_N
+            m_i, l_i, acc = _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc,
+                                    qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, BLOCK_M, BLOCK_N,
+                                    EVEN_N, EVEN,
+                                    IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
