@@ -76,17 +76,18 @@ class SpargeBlockMask:
         kept = int(self.kv_num_blocks.sum())
         return 1.0 - kept / max(1, self.visible_pairs())
 
-    def to_fa4(self, block_size=(128, 128), superset: bool = False):
+    def to_fa4(self, block_size=(128, 128), superset: bool = False, backward: bool = False):
         """The same mask in FlashAttention-4's block-sparse format: ``flash_attn.cute.flash_attn_func(
         q, k, v, causal=m.is_causal, block_sparse_tensors=m.to_fa4())`` (FA4's layout: (B, N, H, D),
         i.e. ``q.transpose(1, 2)``) computes what the sparse op does. block_size: FA4's sparse
         blocks (q, kv), 128 x 128 on Hopper. Exact or ValueError: a 128 x 64 mask converts only
         where both 64-key halves of each kept 128-key block are kept; ``superset=True`` keeps the
         whole block instead (more keys than our kernel: not the same attention). Without
-        ``flash_attn`` a namedtuple with the same field names. See :mod:`sparge_compile.fa4`."""
+        ``flash_attn`` a namedtuple with the same field names. backward=True: the transposed
+        lists FA4's ``block_sparse_tensors_bwd`` takes. See :mod:`sparge_compile.fa4`."""
         from .fa4 import to_fa4
 
-        return to_fa4(self, block_size, superset)
+        return to_fa4(self, block_size, superset, backward)
 
     def to_flex(self):
         """The same mask as a ``torch.nn.attention.flex_attention.BlockMask`` (block_q x block_k).

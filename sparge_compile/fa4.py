@@ -87,10 +87,12 @@ def fa4_tiles(mask, block_size=(128, 128), superset: bool = False) -> torch.Tens
     return tiles
 
 
-def to_fa4(mask, block_size=(128, 128), superset: bool = False):
+def to_fa4(mask, block_size=(128, 128), superset: bool = False, backward: bool = False):
     """The mask as FA4 block-sparse tensors (``BlockSparseTensorsTorch``, or our namedtuple of the
     same fields without ``flash_attn``). Full blocks: every in-range pair of the FA4 block is
-    visible (all of them without ``is_causal``); partial: the causal diagonal crosses the block."""
+    visible (all of them without ``is_causal``); partial: the causal diagonal crosses the block.
+    backward=True: the same blocks transposed, per key block its query blocks, the form FA4's
+    ``flash_attn_func(block_sparse_tensors_bwd=...)`` takes (counts (B, H, N), indices (B, H, N, M))."""
     tiles = fa4_tiles(mask, block_size, superset)
     BQ, BK = int(block_size[0]), int(block_size[1])
     M, N = tiles.shape[-2:]
@@ -100,7 +102,10 @@ def to_fa4(mask, block_size=(128, 128), superset: bool = False):
         whole = q_first >= k_last
     else:
         whole = torch.ones(M, N, dtype=torch.bool, device=tiles.device)
-    (mc, mi), (fc, fi) = _kv_lists(tiles & ~whole), _kv_lists(tiles & whole)
+    part, full = tiles & ~whole, tiles & whole
+    if backward:   # contiguous: FA4 (CuTe) wants a unit stride on the indices' last dim
+        part, full = part.transpose(-1, -2).contiguous(), full.transpose(-1, -2).contiguous()
+    (mc, mi), (fc, fi) = _kv_lists(part), _kv_lists(full)
     values = dict(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
                   block_size=(BQ, BK))
     cls = fa4_type()

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .kernels.layout import attention_out
 from .reference import cdiv
 
 
@@ -44,7 +45,7 @@ def block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Te
 @block_sparse_attention_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, kv_keep=None,
       pv_threshold=None):
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    out = attention_out(q, v.shape[-1])
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
 

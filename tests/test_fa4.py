@@ -123,3 +123,32 @@ def test_to_fa4_bad_arguments():
     m.kv_len = 384   # a causal mask of another key length: FA4 aligns its diagonal elsewhere
     with pytest.raises(ValueError, match="bottom-right"):
         m.to_fa4()
+
+
+def _listed(cnt, idx, rows: int, cols: int) -> torch.Tensor:
+    """(B, H, rows, cols) bool from FA4-style counts and left-packed indices."""
+    B, H = cnt.shape[:2]
+    out = torch.zeros(B, H, rows, cols, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for r in range(rows):
+                out[b, h, r, idx[b, h, r, :cnt[b, h, r]].long()] = True
+    return out
+
+
+@pytest.mark.parametrize("Nq,Nk,causal", CASES)
+def test_backward_lists_are_the_forward_blocks_transposed(Nq, Nk, causal):
+    """to_fa4(backward=True): per key block its query blocks, full and partial as in the forward
+    lists (FA4's block_sparse_tensors_bwd: counts (B, H, N), indices (B, H, N, M))."""
+    q, k, _ = qkv(Nq, Nk, seed=3)
+    cfg = sc.SpargeConfig(topk=0.4, topp=0.0, block_q=128, block_k=128)
+    m = sc.predict_block_mask(q, k, is_causal=causal, config=cfg)
+    fwd, bwd = m.to_fa4(), m.to_fa4(backward=True)
+    M, N = -(-Nq // 128), -(-Nk // 128)
+    assert bwd.full_block_cnt.shape == (2, 2, N) and bwd.full_block_idx.shape == (2, 2, N, M)
+    assert all(t.is_contiguous() for t in bwd[:4])   # FA4 refuses a non-unit last stride (H200)
+    for kind in ("full", "mask"):
+        f = _listed(getattr(fwd, f"{kind}_block_cnt"), getattr(fwd, f"{kind}_block_idx"), M, N)
+        b = _listed(getattr(bwd, f"{kind}_block_cnt"), getattr(bwd, f"{kind}_block_idx"), N, M)
+        assert torch.equal(b, f.transpose(-1, -2))
+    assert int(bwd.full_block_cnt.sum() + bwd.mask_block_cnt.sum()) == int(m.kv_num_blocks.sum())

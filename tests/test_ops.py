@@ -90,3 +90,31 @@ def test_cpu_without_interpreter_uses_torch_path_and_agrees(monkeypatch):
     out_torch, m2 = sc.sparse_attention(q, k, v, is_causal=True, config=CFG, return_mask=True)
     assert torch.equal(m.to_dense(), m2.to_dense())
     torch.testing.assert_close(out_torch, out_triton, rtol=1e-5, atol=1e-5)
+
+
+def _fwd_real_and_fake(q, k, v, num, idx):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = ops.block_sparse_attention_op(q, k, v, num, idx, 0.2, False, 16, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = ops.block_sparse_attention_op(q, k, v, num, idx, 0.2, False, 16, 16)
+    return real, fake
+
+
+def test_forward_output_follows_the_query_layout(monkeypatch):
+    """A (B, N, H, D)-major query gives a (B, N, H, D)-major output (as SDPA does), so the
+    caller's transpose-and-flatten back is a view, not a copy; a contiguous query a contiguous
+    output. Real and fake strides agree, the values equal the contiguous inputs' on both paths."""
+    q, k, v = _noncontig(seed=5)
+    num, idx = ops.predict_block_mask_op(q, k, 0.2, False, 0.3, 0.3, "hybrid", 16, 16)
+    contiguous = [x.contiguous() for x in (q, k, v)]
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        (out, lse), (fout, flse) = _fwd_real_and_fake(q, k, v, num, idx)
+        assert out.stride() == fout.stride() and lse.stride() == flse.stride()
+        assert out.transpose(1, 2).is_contiguous()
+        out.transpose(1, 2).view(1, 40, -1)  # a view: raises if the layout needed a copy
+        (cout, clse), (fcout, _) = _fwd_real_and_fake(*contiguous, num, idx)
+        assert cout.is_contiguous() and fcout.is_contiguous()
+        torch.testing.assert_close(out, cout, rtol=0, atol=0)
+        torch.testing.assert_close(lse, clse, rtol=0, atol=0)

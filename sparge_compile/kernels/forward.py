@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..reference import cdiv
 from . import tuning
+from .layout import attention_out
 
 LOG2E = 1.4426950408889634  # log2(e): scores are exponentiated with exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
@@ -289,7 +290,7 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    out = attention_out(q, v.shape[-1])
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     BLOCK_D = tuning.head_dim_tile(D)
     mode = tma_mode(q, k, v, use_tma)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as R
+from .layout import attention_out
 
 _CHUNK_TOKENS = 2048
 
@@ -97,7 +98,7 @@ def attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
     G = q.shape[1] // k.shape[1]
     qf, kf, vf = q.to(acc), _expand_kv(k.to(acc), G), _expand_kv(v.to(acc), G)
     dense = indices_to_dense(kv_num_blocks, kv_indices, R.cdiv(k.shape[2], block_k))
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    out = attention_out(q, v.shape[-1])
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for s, e in _chunks(q.shape[2], block_q):
         sc = _chunk_scores(qf, kf, dense, s, e, scale, is_causal, block_q, block_k, kv_keep)
