@@ -6,6 +6,8 @@ on the data), and the very same mask is handed to FlexAttention through
 ``SpargeBlockMask.to_flex()``. Timed in one run, forward and forward+backward:
 
 * SDPA cuDNN and FlashAttention, dense (``sdpa_kernel`` with one backend), plus SDPA's default
+* FlashAttention-4's block-sparse kernel (where flash-attn-4 imports; `bench.fa4`) on our mask
+  predicted at its 128x128 blocks, tuned to the same sparsity
 * FlexAttention (compiled) on the same 128x64 mask; and at 128x128 blocks at the same sparsity
   (the issue's fwd+bwd baseline: Flex's backward does not compile at 128x64 on torch 2.11, see
   :func:`flex_tiles`). Flex runs with its own tiles where they compile; its forward at D = 64
@@ -34,6 +36,7 @@ from bench import common as C
 from bench import data
 from bench import output as O
 from bench.cli import module_entry
+from bench.fa4 import FA4_BLOCK, fa4_call, fa4_or_none
 
 FULL_SHAPES = [(8192, 64), (8192, 128), (32768, 64), (32768, 128), (75600, 64), (75600, 128)]
 QUICK_SHAPES = [(256, 64)]
@@ -231,6 +234,25 @@ def time_flex_masks(P, row: dict, errors: dict, mask, target: float, base):
     return bm, flex_opts
 
 
+def time_fa4(P, row: dict, errors: dict, target: float, base) -> None:
+    """FlashAttention-4's block-sparse kernel on our mask predicted at its 128x128 blocks, tuned
+    to the same sparsity (FA4's blocks on Hopper; ``bench.fa4``), forward and forward+backward."""
+    if P.fa4 is None:
+        return
+    sq = C.guarded(lambda: tune_config(P.q, P.k, target, base.replace(block_q=FA4_BLOCK, block_k=FA4_BLOCK)),
+                   errors, "tune_fa4")
+    fwd = None if sq is None else C.guarded(lambda: fa4_call(P.fa4, P.q, P.k, P.v, sq[1]), errors, "fa4_mask")
+    if fwd is None:
+        return
+    row["fa4_sparsity"] = sq[1].sparsity()
+    row["fa4_fwd_ms"] = C.guarded(lambda: C.time_fn(fwd, P.device, **P.timing), errors, "fa4_fwd")
+    if P.bwd:
+        train = fa4_call(P.fa4, *P.qkv_grad, sq[1])
+        row["fa4_fwdbwd_ms"] = C.guarded(
+            lambda: C.time_fn(_fwd_bwd(train, P.dout), P.device, grad_to_none=list(P.qkv_grad), **P.timing),
+            errors, "fa4_fwdbwd")
+
+
 def check_errors(P, row: dict, errors: dict, cfg, mask, bm, flex_opts) -> None:
     """Relative error of sparge (and Flex) against float32 SDPA on the same mask."""
     import sparge_compile as sc
@@ -263,6 +285,7 @@ def measure_point(P, target: float, base) -> dict:
     row.update(topk=cfg.topk, sparsity=mask.sparsity(), block_q=cfg.block_q, block_k=cfg.block_k)
     time_sparge(P, row, errors, cfg, mask)
     bm, flex_opts = time_flex_masks(P, row, errors, mask, target, base)
+    time_fa4(P, row, errors, target, base)
     if P.check:
         check_errors(P, row, errors, cfg, mask, bm, flex_opts)
     row["errors"] = errors
@@ -276,6 +299,9 @@ def add_ratios(row: dict, dense: dict, flops_fwd: float) -> None:
     row["sparge_kernel_over_flex_fwd"] = C.ratio(g("sparge_kernel_fwd_ms"), g("flex_fwd_ms"))
     row["sparge_over_flex_sq_fwdbwd"] = C.ratio(g("sparge_fwdbwd_ms"), g("flex_sq_fwdbwd_ms"))
     row["sparge_over_flex_fwdbwd"] = C.ratio(g("sparge_fwdbwd_ms"), g("flex_fwdbwd_ms"))
+    row["sparge_kernel_over_fa4_fwd"] = C.ratio(g("sparge_kernel_fwd_ms"), g("fa4_fwd_ms"))
+    row["sparge_over_fa4_fwd"] = C.ratio(g("sparge_fwd_ms"), g("fa4_fwd_ms"))
+    row["sparge_kernel_over_fa4_fwdbwd"] = C.ratio(g("sparge_kernel_fwdbwd_ms"), g("fa4_fwdbwd_ms"))
     cudnn_f = dense.get("sdpa_cudnn_fwd_ms") or dense.get("sdpa_default_fwd_ms")
     cudnn_fb = dense.get("sdpa_cudnn_fwdbwd_ms") or dense.get("sdpa_default_fwdbwd_ms")
     row["speedup_vs_dense_fwd"] = C.ratio(cudnn_f, g("sparge_fwd_ms"))
@@ -295,16 +321,20 @@ FWD_COLUMNS = [
     ("N", "N"), ("D", "D"), ("sparsity", "sparsity"),
     ("sdpa_cudnn_fwd_ms", "cuDNN dense"), ("sdpa_flash_fwd_ms", "FA2 dense"),
     ("flex_fwd_ms", "Flex (same mask)"), ("predict_ms", "predict"), ("predict_gpu_ms", "predict GPU"),
+    ("fa4_fwd_ms", "FA4 (128x128)"),
     ("sparge_kernel_fwd_ms", "sparge kernel"), ("sparge_fwd_ms", "sparge total"),
-    ("sparge_over_flex_fwd", "total/Flex"), ("speedup_vs_dense_fwd", "speed-up vs dense"),
+    ("sparge_over_flex_fwd", "total/Flex"), ("sparge_kernel_over_fa4_fwd", "kernel/FA4"),
+    ("speedup_vs_dense_fwd", "speed-up vs dense"),
     ("sparge_rel_err", "rel err"),
 ]
 BWD_COLUMNS = [
     ("N", "N"), ("D", "D"), ("sparsity", "sparsity"),
     ("sdpa_cudnn_fwdbwd_ms", "cuDNN dense"), ("sdpa_flash_fwdbwd_ms", "FA2 dense"),
     ("flex_fwdbwd_ms", "Flex (same mask)"), ("flex_sq_fwdbwd_ms", "Flex square blocks"),
+    ("fa4_fwdbwd_ms", "FA4 (128x128)"),
     ("sparge_kernel_fwdbwd_ms", "sparge kernel"), ("sparge_fwdbwd_ms", "sparge total"),
     ("sparge_over_flex_fwdbwd", "total/Flex"), ("sparge_over_flex_sq_fwdbwd", "total/Flex square"),
+    ("sparge_kernel_over_fa4_fwdbwd", "kernel/FA4"),
     ("speedup_vs_dense_fwdbwd", "speed-up vs dense"),
 ]
 
@@ -436,6 +466,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flex-compile", choices=["auto", "yes", "no"], default="auto",
                    help="compile flex_attention (auto: on CUDA only)")
     p.add_argument("--flex-cpu", action="store_true", help="also run FlexAttention on the CPU")
+    p.add_argument("--no-fa4", action="store_true",
+                   help="skip FlashAttention-4's block-sparse kernel (run where flash-attn-4 imports)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
 
@@ -506,7 +538,8 @@ def run(args) -> dict:
         device=device, dtype=dtype, bwd=a["bwd"], check=a["check"], flex_square=not args.no_flex_square,
         timing=dict(warmup=args.warmup, rep=args.rep, cpu_iters=1 if a["quick"] else 3,
                     cpu_warmup=not a["quick"]),
-        flex=flex_or_none(args, device, a["flex_compiled"], flex_errors))
+        flex=flex_or_none(args, device, a["flex_compiled"], flex_errors),
+        fa4=None if args.no_fa4 else fa4_or_none(device, flex_errors))
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
         for N, D in a["shapes"]:

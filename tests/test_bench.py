@@ -186,6 +186,34 @@ def test_kernels_alone(tmp_path):
     assert row["sparge_rel_err"] < 1e-4 and abs(row["sparsity"] - 0.5) <= 16 / 128
 
 
+def test_kernels_fa4_peer_gets_fa4_lists(tmp_path, monkeypatch):
+    """The FA4 peer (bench.fa4) on the CPU with a stand-in for flash_attn_func that decodes the
+    block lists it is handed into a token mask and attends under it: FA4's timings and ratios are
+    in the row, and the lists carry the mask at 128x128 blocks with the row's sparsity."""
+    from bench import kernels
+    from sparge_compile.reference import dense_token_mask
+
+    seen = []
+
+    def fake_fa4(q, k, v, softmax_scale, causal, block_sparse_tensors, block_sparse_tensors_bwd):
+        t = block_sparse_tensors
+        listed = torch.arange(t.full_block_idx.shape[-1]) < t.full_block_cnt[..., None]
+        kept = torch.zeros(listed.shape, dtype=torch.bool).scatter_(-1, t.full_block_idx.long(), listed)
+        seen.append((tuple(t.block_size), kept, block_sparse_tensors_bwd.full_block_cnt.sum()))
+        tok = dense_token_mask(kept, q.shape[1], k.shape[1], 128, 128, False)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=softmax_scale)
+        return o.transpose(1, 2)
+
+    monkeypatch.setattr(kernels, "fa4_or_none", lambda device, errors: fake_fa4)
+    _bench("kernels", "--quick", "--shapes", "512x32", "--sparsities", "50", "--out", str(tmp_path))
+    (row,) = _load(tmp_path, "kernels")["rows"]
+    assert row["fa4_fwd_ms"] > 0 and row["fa4_fwdbwd_ms"] > 0 and row["sparge_kernel_over_fa4_fwd"] > 0
+    size, kept, bwd_total = seen[-1]
+    assert size == (128, 128) and kept.shape[-2:] == (4, 4)
+    assert abs(1 - kept.float().mean().item() - row["fa4_sparsity"]) < 1e-6 and bwd_total == kept.sum()
+
+
 def test_masks(tmp_path):
     _bench("masks", "--quick", "--out", str(tmp_path))
     r = _load(tmp_path, "masks")

@@ -20,20 +20,10 @@ import torch
 import sparge_compile as sc
 from bench import common as C
 from bench import data
+from bench.fa4 import fa4_call
 from bench.kernels import tune_config
 
 BASE = sc.SpargeConfig(topk=1.0, topp=0.0, mode="topk", min_seq_len=0)
-
-
-def fa4_call(fa4, q, k, v, m):
-    """FA4 on mask m (our (B, H, N, D) tensors; FA4 takes (B, N, H, D))."""
-    fwd, bwd = m.to_fa4(), m.to_fa4(backward=True)
-
-    def call():
-        res = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=q.shape[-1] ** -0.5,
-                  block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd)
-        return (res[0] if isinstance(res, tuple) else res).transpose(1, 2)
-    return call
 
 
 def fwd_bwd(fn, dout, grads):
