@@ -135,13 +135,18 @@ def step_ms(fn, device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def compiled_step(build_model, backend, mode, inp, device, reps):
-    """(compile seconds, step ms, output, model) of a fresh model compiled block-wise."""
-    torch._dynamo.reset()
-    model = build_model()
+def compile_blockwise(model, backend, mode: str = "default"):
+    """diffusers' regional compilation of ``model`` (in place; returned): one graph per block type."""
     if not getattr(model, "_repeated_blocks", None):   # DiT declares none: its blocks, the same way
         model._repeated_blocks = [type(model.transformer_blocks[0]).__name__]
     model.compile_repeated_blocks(backend=backend, mode=None if mode == "default" else mode)
+    return model
+
+
+def compiled_step(build_model, backend, mode, inp, device, reps):
+    """(compile seconds, step ms, output, model) of a fresh model compiled block-wise."""
+    torch._dynamo.reset()
+    model = compile_blockwise(build_model(), backend, mode)
     with torch.no_grad():
         C.sync(device)
         t0 = time.perf_counter()

@@ -79,10 +79,7 @@ def main() -> None:
         be = variant if variant == "inductor" else sc.backend(
             config=sc.SpargeConfig(topk=1 - a.target, topp=0.0, min_seq_len=1024))
         torch._dynamo.reset()
-        model = M.build(a.model, False, dev, dt)[0]
-        if not getattr(model, "_repeated_blocks", None):
-            model._repeated_blocks = [type(model.transformer_blocks[0]).__name__]
-        model.compile_repeated_blocks(backend=be)
+        model = M.compile_blockwise(M.build(a.model, False, dev, dt)[0], be)
         res[variant] = profile_step(model, inp)
         summary = {k: v for k, v in res[variant].items() if k != "top"}
         print(variant, json.dumps(summary, indent=1), flush=True)
