@@ -50,3 +50,32 @@ def test_fa4_with_to_fa4_equals_our_kernel(N, causal, block_k):
                                config=cfg.replace(block_k=block_k))
     assert _rel(theirs, want) < 2e-2 and _rel(ours, want) < 2e-2
     assert _rel(theirs, ours) < 2e-2
+
+
+@pytest.mark.parametrize("N,causal", [(4096, False), (3000, True)])
+def test_fa4_backward_lists_give_our_gradients(N, causal):
+    """FA4's backward on to_fa4(backward=True) gives the gradients of our kernel on the same mask
+    (both against float32 ones)."""
+    fa4 = _fa4()
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, N, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cfg = sc.SpargeConfig(topk=0.1, topp=0.0, block_q=128, block_k=128)
+    m = sc.predict_block_mask(q, k, is_causal=causal, config=cfg)
+    dout = torch.randn_like(q)
+
+    def grads(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        return torch.autograd.grad(fn(*xs), xs, dout.to(dtype))
+
+    def theirs(q, k, v):
+        res = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=128 ** -0.5,
+                  causal=causal, block_sparse_tensors=m.to_fa4(),
+                  block_sparse_tensors_bwd=m.to_fa4(backward=True))
+        return (res[0] if isinstance(res, tuple) else res).transpose(1, 2)
+
+    def ours(q, k, v):
+        return sc.sparse_attention(q, k, v, is_causal=causal, block_mask=m, config=cfg)
+
+    want = grads(ours, torch.float32)
+    for got in (grads(theirs, torch.bfloat16), grads(ours, torch.bfloat16)):
+        assert all(_rel(g, w) < 2e-2 for g, w in zip(got, want))
