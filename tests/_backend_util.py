@@ -138,8 +138,8 @@ class SDPACalls(TorchFunctionMode):
         return len(self.head_dims)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.head_dims.append(args[0].shape[-1])
+        if func is F.scaled_dot_product_attention:   # diffusers passes query=... by keyword
+            self.head_dims.append((args[0] if args else kwargs["query"]).shape[-1])
         return func(*args, **(kwargs or {}))
 
 

@@ -3,8 +3,19 @@ backend: every attention site rewritten, outputs and gradients equal to the eage
 same masks, and a training step runs. Skipped when the library is not installed."""
 from __future__ import annotations
 
+import pytest
 import torch
-from _backend_util import compile_sparge, masks_of, rel_err, run_same_masks, tiny_bert, tiny_dit, tiny_vit
+from _backend_util import (
+    SDPACalls,
+    allow_broken_torchvision,
+    compile_sparge,
+    masks_of,
+    rel_err,
+    run_same_masks,
+    tiny_bert,
+    tiny_dit,
+    tiny_vit,
+)
 
 
 def _check(model, n_sites, *inputs, out_of=lambda o: o):
@@ -57,3 +68,33 @@ def test_transformers_bert():
     model = tiny_bert(128)
     ids = torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(0))
     _check(model, 2, ids, out_of=lambda o: o.last_hidden_state)
+
+
+class _Positional(torch.nn.Module):
+    """A diffusers transformer called as model(hidden_states) with its other inputs fixed."""
+
+    def __init__(self, model, inp: dict):
+        super().__init__()
+        self.model, self.rest = model, {k: v for k, v in inp.items() if k != "hidden_states"}
+
+    def forward(self, hidden_states):
+        return self.model(hidden_states=hidden_states, **self.rest)[0]
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_diffusers_wan_and_flux(name):
+    """The two video/image models of `bench models` (their real diffusers classes at tiny widths):
+    every attention call rewritten (self, cross and joint; counted by an SDPA hook, not by our
+    report), compiled output and gradients equal to eager with the same masks. Their processors
+    hand attention (B, N, H, D)-major q/k/v and flatten the heads of the output back."""
+    allow_broken_torchvision()
+    pytest.importorskip("diffusers")
+    from bench import model_steps as M
+
+    model, kw = M.build(name, True, "cpu", torch.float32)
+    inp = M.inputs(name, kw, True, "cpu", torch.float32)
+    wrapped = _Positional(model, inp)
+    with SDPACalls() as calls, torch.no_grad():
+        wrapped(inp["hidden_states"])
+    assert calls.calls >= 2
+    _check(wrapped, calls.calls, inp["hidden_states"])
