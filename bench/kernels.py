@@ -207,6 +207,15 @@ def time_sparge(P, row: dict, errors: dict, cfg, mask) -> None:
                               P.device, grad_to_none=list(P.qkv_grad), **t), errors, "sparge_fwdbwd")
 
 
+def square_mask(P, errors: dict, target: float, base, block: int):
+    """Our mask predicted at block x block, tuned to the target (memoised per point in
+    ``P.squares``: Flex-square and FA4 both want 128x128)."""
+    if block not in P.squares:
+        cfg = base.replace(block_q=block, block_k=block)
+        P.squares[block] = C.guarded(lambda: tune_config(P.q, P.k, target, cfg), errors, f"tune_{block}sq")
+    return P.squares[block]
+
+
 def time_flex_masks(P, row: dict, errors: dict, mask, target: float, base):
     """FlexAttention on the very same mask (128x64 blocks by default), then at square blocks
     (block_q x block_q) tuned to the same sparsity. Returns (Flex's block mask, its tiles)."""
@@ -220,8 +229,7 @@ def time_flex_masks(P, row: dict, errors: dict, mask, target: float, base):
             row["flex_fwdbwd_ms"], _ = time_flex(P.flex, bm, P.qkv_grad, P.dout, P.device, t, errors,
                                                  "flex_fwdbwd")
     if P.flex_square and P.flex is not None and base.block_k != base.block_q:
-        sq = C.guarded(lambda: tune_config(P.q, P.k, target, base.replace(block_k=base.block_q)),
-                       errors, "tune_square")
+        sq = square_mask(P, errors, target, base, base.block_q)
         if sq is not None:
             row["flex_sq_sparsity"] = sq[1].sparsity()
             bm_sq = C.guarded(sq[1].to_flex, errors, "flex_sq_block_mask")
@@ -239,8 +247,7 @@ def time_fa4(P, row: dict, errors: dict, target: float, base) -> None:
     to the same sparsity (FA4's blocks on Hopper; ``bench.fa4``), forward and forward+backward."""
     if P.fa4 is None:
         return
-    sq = C.guarded(lambda: tune_config(P.q, P.k, target, base.replace(block_q=FA4_BLOCK, block_k=FA4_BLOCK)),
-                   errors, "tune_fa4")
+    sq = square_mask(P, errors, target, base, FA4_BLOCK)
     fwd = None if sq is None else C.guarded(lambda: fa4_call(P.fa4, P.q, P.k, P.v, sq[1]), errors, "fa4_mask")
     if fwd is None:
         return
@@ -277,6 +284,7 @@ def measure_point(P, target: float, base) -> dict:
     flex, bwd, check, flex_square)."""
     errors: dict = {}
     row: dict = {"sparsity_target": target}
+    P.squares = {}   # square-block masks of this point (square_mask)
     tuned = C.guarded(lambda: tune_config(P.q, P.k, target, base), errors, "tune")
     if tuned is None:
         row["errors"] = errors
@@ -492,7 +500,7 @@ def flex_or_none(args, device, compile_flex: bool, errors: dict):
     return None
 
 
-def one_shape(N: int, D: int, P, result: dict, flex_errors: dict, out: Path) -> None:
+def one_shape(N: int, D: int, P, result: dict, peer_errors: dict, out: Path) -> None:
     """The dense baselines, then every target sparsity, at one (N, D); JSON after every point."""
     from sparge_compile import SpargeConfig
 
@@ -511,7 +519,7 @@ def one_shape(N: int, D: int, P, result: dict, flex_errors: dict, out: Path) -> 
         row = measure_point(P, s, base)
         row.update(N=N, D=D, B=B, H=H, dtype=a["dtype"])
         row.update({key: val for key, val in dense.items() if key.endswith("_ms")})
-        row["errors"] = {**flex_errors, **dense["errors"], **row.get("errors", {})}
+        row["errors"] = {**peer_errors, **dense["errors"], **row.get("errors", {})}
         add_ratios(row, dense, 4.0 * B * H * N * N * D)
         result["rows"].append(row)
         O.write_json(out / "kernels.json", result)  # after every point: a run killed mid-shape keeps it
@@ -533,18 +541,18 @@ def run(args) -> dict:
         C.bump_dynamo_cache()
     result = {"benchmark": "kernels", "env": C.environment(device), "command": O.command_line(), "args": a,
               "dense": [], "rows": []}
-    flex_errors: dict = {}
+    peer_errors: dict = {}
     P = types.SimpleNamespace(  # what every point of the run shares; one_shape adds its tensors
         device=device, dtype=dtype, bwd=a["bwd"], check=a["check"], flex_square=not args.no_flex_square,
         timing=dict(warmup=args.warmup, rep=args.rep, cpu_iters=1 if a["quick"] else 3,
                     cpu_warmup=not a["quick"]),
-        flex=flex_or_none(args, device, a["flex_compiled"], flex_errors),
-        fa4=None if args.no_fa4 else fa4_or_none(device, flex_errors))
+        flex=flex_or_none(args, device, a["flex_compiled"], peer_errors),
+        fa4=None if args.no_fa4 else fa4_or_none(device, peer_errors))
     t_start = time.perf_counter()
     with C.torch_path_on_cpu(device):
         for N, D in a["shapes"]:
             t0 = time.perf_counter()
-            one_shape(N, D, P, result, flex_errors, out)
+            one_shape(N, D, P, result, peer_errors, out)
             result["seconds"] = time.perf_counter() - t_start
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
             write(result, out, plots=False)  # after every shape: a run cut short keeps what it measured

@@ -24,6 +24,7 @@ import torch
 
 from .block_mask import _kv_lists
 from .reference import cdiv, visible_blocks
+from .validate import check_flag
 
 FIELDS = ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "block_size")
 # the same field names as flash_attn.cute.block_sparsity.BlockSparseTensorsTorch, for machines without it
@@ -93,6 +94,8 @@ def to_fa4(mask, block_size=(128, 128), superset: bool = False, backward: bool =
     visible (all of them without ``is_causal``); partial: the causal diagonal crosses the block.
     backward=True: the same blocks transposed, per key block its query blocks, the form FA4's
     ``flash_attn_func(block_sparse_tensors_bwd=...)`` takes (counts (B, H, N), indices (B, H, N, M))."""
+    check_flag("to_fa4: superset", superset)
+    check_flag("to_fa4: backward", backward)
     tiles = fa4_tiles(mask, block_size, superset)
     BQ, BK = int(block_size[0]), int(block_size[1])
     M, N = tiles.shape[-2:]

@@ -118,6 +118,9 @@ def test_to_fa4_bad_arguments():
         m.to_fa4(block_size=128)
     with pytest.raises(ValueError, match="do not nest"):
         m.to_fa4(block_size=(128, 96))
+    for name in ("superset", "backward"):   # "False" would read as True
+        with pytest.raises(TypeError, match=name):
+            m.to_fa4(**{name: "False"})
     q, k, _ = qkv(256, 256, B=1)
     m = sc.predict_block_mask(q, k, is_causal=True, config=sc.SpargeConfig(block_k=128))
     m.kv_len = 384   # a causal mask of another key length: FA4 aligns its diagonal elsewhere
