@@ -54,7 +54,7 @@ def test_gpu_matches_float64_reference(pb):
     ok, _ = mask_mismatch_is_tie(q, k, m.to_dense(), pb["cfg"], pb["causal"])
     assert ok
     assert (m.kv_num_blocks >= 1).all()
-    dout = torch.randn_like(out)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(pb["seed"])).to(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref, ref_grads = reference_out_and_grads(q, k, v, m.to_dense(), pb["cfg"], pb["causal"], dout)
     tol = TOL[pb["dtype"]] * (30 if pb["dtype"] == torch.float32 else 1)  # fp32 on GPU: exact dots
@@ -73,7 +73,13 @@ def test_gpu_matches_float64_reference(pb):
     (80, torch.bfloat16, (128, 64), True, True), (80, torch.float32, (64, 64), False, True),
     (160, torch.bfloat16, (64, 64), True, True), (160, torch.float16, (128, 64), False, False),
     # wide tile rows (fp32 at a 128 tile, bf16 at 256): fewer pipelining stages where they would not fit
-    (72, torch.float32, (64, 64), False, False), (160, torch.bfloat16, (64, 64), False, False)])
+    (72, torch.float32, (64, 64), False, False), (160, torch.bfloat16, (64, 64), False, False),
+    # blocks whose buffers do not fit even one stage: split tiles (tuning.fit_tiles); the fp32
+    # 128 x 128 backward at D = 128 asked 262152 of the H200's 232448 bytes before them
+    (128, torch.float32, (128, 128), False, True), (128, torch.float32, (128, 128), True, False),
+    (128, torch.float32, (256, 256), True, True), (256, torch.bfloat16, (256, 256), False, True)])
+# (fp32 at a 256 tile, 128 x 128: did not finish within minutes on the H200, 2026-12-04: a 128 x 256
+# fp32 accumulator in 4 warps spills; not a shape the GPU suite can take)
 def test_gpu_other_head_dims_dtypes_blocks(monkeypatch, D, dtype, blocks, causal, tma):
     from sparge_compile.kernels import forward
 

@@ -17,8 +17,8 @@ import triton.language as tl
 
 from ..reference import cdiv
 from . import forward as fwd_mod
-from . import tuning
-from .forward import _LOG2E, LOG2E, dot_precision
+from . import torch_impl, tuning
+from .forward import _LOG2E, LOG2E, block_rows, dot_precision, tile_start
 from .torch_impl import transpose_indices
 from .transpose import transpose_indices_triton
 
@@ -45,14 +45,14 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, Keep, qk_scale,
                    Hq, G, Nq, Nk, nq, nk, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-                   HAS_KEEP: tl.constexpr):
+                   HAS_KEEP: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr):
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)   # Inductor: fp64
-    i = tl.program_id(0)
+    i, row0 = block_rows(BLOCK_M, TILE_M)   # TILE_M rows of query block i; TILE_N keys a step
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < Nq
@@ -65,23 +65,23 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, KvNum, KvIdx, Keep, qk_scale,
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=md, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh * Nq + offs_m, delta, mask=m_ok)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([TILE_M, BLOCK_D], tl.float32)
     row = bh * nq + i
-    n_kept = tl.load(KvNum + row)
+    n_steps = tl.load(KvNum + row) * (BLOCK_N // TILE_N)
     lut = KvIdx + row * nk
     keep_base = Keep + b * Nk
     if USE_TMA:  # K, V: (B, Hkv, Nk, D) tensor descriptors, rows past Nk read as zeros
-        for t in range(n_kept):
-            start = tl.load(lut + t) * BLOCK_N
-            k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
-            dq = _dq_step(q, do, lse2, delta, dq, k, v, start + tl.arange(0, BLOCK_N), offs_m, m_ok,
+        for t in range(n_steps):
+            start = tile_start(lut, t, BLOCK_N, TILE_N)
+            k = K.load([b, hk, start, 0]).reshape(TILE_N, BLOCK_D)
+            v = V.load([b, hk, start, 0]).reshape(TILE_N, BLOCK_D)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, start + tl.arange(0, TILE_N), offs_m, m_ok,
                           qk_scale, Nk, keep_base, PREC, IS_CAUSAL, HAS_KEEP)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
-        for t in range(n_kept):
-            offs_k = tl.load(lut + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        for t in range(n_steps):
+            offs_k = tile_start(lut, t, BLOCK_N, TILE_N) + tl.arange(0, TILE_N)
             kd = (offs_k < Nk)[:, None] & d_ok[None, :]
             k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd, other=0.0)
             v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd, other=0.0)
@@ -125,14 +125,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, Keep, qk_scale
                      Hq, G, Nq, Nk, nq, nk, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, SUB_M: tl.constexpr,
-                     USE_TMA: tl.constexpr, HAS_KEEP: tl.constexpr):
+                     USE_TMA: tl.constexpr, HAS_KEEP: tl.constexpr, TILE_N: tl.constexpr):
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)   # Inductor: fp64
-    j = tl.program_id(0)
+    j, key0 = block_rows(BLOCK_N, TILE_N)   # TILE_N keys of key block j
     bhk = tl.program_id(1)
     Hkv = Hq // G
     b = bhk // Hkv
     hk = bhk % Hkv
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = key0 + tl.arange(0, TILE_N)
     offs_m0 = tl.arange(0, SUB_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -140,8 +140,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, Keep, qk_scale
     nd = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nd, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nd, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([TILE_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([TILE_N, BLOCK_D], tl.float32)
     n_vis = n_ok   # key rows with a gradient: not past Nk, not hidden by the key-padding mask
     if HAS_KEEP:
         n_vis = n_ok & (tl.load(Keep + b * Nk + offs_n, mask=n_ok, other=0) != 0)
@@ -165,8 +165,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, QNum, QIdx, Keep, qk_scale
     tl.store(DV + (bhk * Nk + offs_n[:, None]) * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
-_dq_autotuned = tuning.autotuned(_bwd_dq_kernel, tuning.DQ_CONFIGS)
-_dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_M"])
+_dq_autotuned = tuning.autotuned(_bwd_dq_kernel, tuning.DQ_CONFIGS, ["TILE_M", "TILE_N"])
+_dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_M", "TILE_N"])
 
 # Tuning knobs (the kernel-tuning benchmark overrides them): fixed launch settings where nothing
 # is autotuned (None = the H100 default below) and the dK/dV query slice. Measured on the H100:
@@ -177,13 +177,27 @@ _dkdv_autotuned = tuning.autotuned(_bwd_dkdv_kernel, tuning.DKDV_CONFIGS, ["SUB_
 BWD_DEFAULTS = dict(dq_warps=None, dq_stages=None, sub_m=64, dkdv_warps=None, dkdv_stages=None, use_tma=None)
 
 
+def _bwd_tiles(q, block_q, block_k, sub_m):
+    """(dQ tiles, dK/dV tiles) of :func:`.tuning.fit_tiles`, or None where one does not fit.
+    dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage."""
+    row = tuning.head_dim_tile(q.shape[-1]) * q.element_size()  # bytes of one tile row
+    dq_tiles = tuning.fit_tiles(block_q, block_k, 2 * row, 2 * row, q)
+    dkdv_tiles = tuning.fit_tiles(block_k, sub_m, 2 * row, 2 * row, q)
+    return None if dq_tiles is None or dkdv_tiles is None else (dq_tiles, dkdv_tiles)
+
+
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q,
                          block_k, kv_keep=None, **overrides):
-    """kv_keep: None or a (B, Nk) bool key-padding mask; overrides: of BWD_DEFAULTS (tuning knobs)."""
+    """kv_keep: None or a (B, Nk) bool key-padding mask; overrides: of BWD_DEFAULTS (tuning knobs).
+    Where not even the smallest tiles fit the shared memory: the PyTorch backward."""
     bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
         raise TypeError(f"unknown tuning options {sorted(bad)}")
     cfg = dict(BWD_DEFAULTS, **overrides)
+    tiles = _bwd_tiles(q, block_q, block_k, min(block_q, cfg["sub_m"]))
+    if tiles is None:
+        return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal,
+                                        block_q, block_k, kv_keep)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -202,23 +216,23 @@ def attention_bwd_triton(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, sca
     strides = (*q.stride(), *k.stride(), *v.stride())
     dims = (Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     qk_scale = float(scale) * LOG2E
-    sub_m = min(block_q, cfg["sub_m"])
     use_tma = fwd_mod.USE_TMA_DEFAULT if cfg["use_tma"] is None else cfg["use_tma"]
     use_tma = (bool(use_tma) and BLOCK_D <= 128 and v.shape[-1] == D  # measured up to D = 128
                and all(fwd_mod.tma_ok(x, D) for x in (q, k, v, dout)))
-    kd, vd = (fwd_mod.descriptor(k, block_k), fwd_mod.descriptor(v, block_k)) if use_tma else (k, v)
+    (tm, tn), (tk, sub_m) = tiles
+    row = BLOCK_D * q.element_size()  # bytes of one tile row
+    dq_stages = tuning.fit_stages(3 if BLOCK_D <= 128 else 2, 2 * tm * row, 2 * tn * row, q)
+    dkdv_stages = tuning.fit_stages(2, 2 * tk * row, 2 * sub_m * row, q)
+    kd, vd = (fwd_mod.descriptor(k, tn), fwd_mod.descriptor(v, tn)) if use_tma else (k, v)
     qd, dod = (fwd_mod.descriptor(q, sub_m), fwd_mod.descriptor(dout, sub_m)) if use_tma else (q, dout)
     dq_args = (q, kd, vd, out, dout, lse, delta, dq, kv_num_blocks, kv_indices, keep, qk_scale, float(scale),
                *out.stride(), *strides, *dims)
-    row = BLOCK_D * q.element_size()  # bytes of one tile row
-    # dQ: Q and dO rows stay, K/V rows per stage; dK/dV: K and V rows stay, Q/dO slices per stage
-    dq_stages = tuning.fit_stages(3 if BLOCK_D <= 128 else 2, 2 * block_q * row, 2 * block_k * row, q)
-    dkdv_stages = tuning.fit_stages(2, 2 * block_k * row, 2 * sub_m * row, q)
-    tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq, B * Hq), q, dq_args, dict(common, USE_TMA=use_tma),
-                  cfg["dq_warps"], cfg["dq_stages"], fixed=(8, dq_stages))
-    tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk, B * Hkv), q,
+    tuning.launch(_bwd_dq_kernel, _dq_autotuned, (nq * (block_q // tm), B * Hq), q, dq_args,
+                  dict(common, USE_TMA=use_tma, TILE_M=tm, TILE_N=tn), cfg["dq_warps"], cfg["dq_stages"],
+                  fixed=(8, dq_stages))
+    tuning.launch(_bwd_dkdv_kernel, _dkdv_autotuned, (nk * (block_k // tk), B * Hkv), q,
                   (qd, k, v, dod, lse, delta, dk, dv, q_num, q_idx, keep, qk_scale, float(scale), *strides,
                    *dims),
-                  dict(common, USE_TMA=use_tma, SUB_M=sub_m), cfg["dkdv_warps"], cfg["dkdv_stages"],
-                  fixed=(4, dkdv_stages))
+                  dict(common, USE_TMA=use_tma, SUB_M=sub_m, TILE_N=tk), cfg["dkdv_warps"],
+                  cfg["dkdv_stages"], fixed=(4, dkdv_stages))
     return dq, dk, dv

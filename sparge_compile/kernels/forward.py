@@ -44,16 +44,16 @@ def key_mask(s, keep_base, offs_k, k_ok, HAS_KEEP: tl.constexpr):
 
 
 @triton.jit
-def _element_masks(s, start, offs_m, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _element_masks(s, start, offs_m, Nk, row0, BLOCK_N: tl.constexpr,
                    EVEN_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """-inf on keys past Nk and, causal, on keys after the query row: only on the tiles that
     have such keys (the partial last key block; the tiles the diagonal crosses), decided per
     tile at run time (right for any order of kept blocks). The branch holds the selects alone,
-    so the K/V loads stay software-pipelined."""
+    so the K/V loads stay software-pipelined. row0: the program's first query row."""
     if (not EVEN_N) or IS_CAUSAL:
         edge = start + BLOCK_N > Nk
         if IS_CAUSAL:
-            edge = edge | (start + BLOCK_N - 1 > tl.program_id(0) * BLOCK_M)
+            edge = edge | (start + BLOCK_N - 1 > row0)
         if edge:
             offs_k = start + tl.arange(0, BLOCK_N)
             if not EVEN_N:
@@ -65,13 +65,13 @@ def _element_masks(s, start, offs_m, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 @triton.jit
 def _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk, keep_base, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                  row0, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, pv_lam, q_ok, PV_FILTER: tl.constexpr):
     """Online-softmax update with raw scores s = q·kᵀ (unscaled) of the key rows start ...
     start + BLOCK_N - 1. The scale·log2(e) factor is folded into the exponent (one FMA per score).
     PV_FILTER (SpargeAttn's filter): the block is skipped (no exp, no P·V) when no real row
     (q_ok) has its block max within pv_lam (log2 units) of its running max."""
-    s = _element_masks(s, start, offs_m, Nk, BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL)
+    s = _element_masks(s, start, offs_m, Nk, row0, BLOCK_N, EVEN_N, IS_CAUSAL)
     offs_k = start + tl.arange(0, BLOCK_N)
     s = key_mask(s, keep_base, offs_k, offs_k < Nk, HAS_KEEP)
     m_blk = tl.max(s, 1) * qk_scale
@@ -101,7 +101,7 @@ def _update(s, m_blk, m_i, l_i, acc, v, qk_scale, PREC: tl.constexpr, IS_CAUSAL:
 
 @triton.jit
 def _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_scale, Nk,
-            skn, skd, svn, svd, keep_base, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            skn, skd, svn, svd, keep_base, PREC: tl.constexpr, row0, BLOCK_N: tl.constexpr,
             EVEN_N: tl.constexpr, EVEN: tl.constexpr,
             IS_CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, pv_lam, q_ok, PV_FILTER: tl.constexpr):
     """One online-softmax step over the key rows start ... start + BLOCK_N - 1 (pointer loads)."""
@@ -117,7 +117,32 @@ def _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc, qk_sc
         v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     return _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk, keep_base, PREC,
-                               BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
+                               row0, BLOCK_N, EVEN_N, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
+
+
+@triton.jit
+def block_rows(BLOCK_M: tl.constexpr, TILE_M: tl.constexpr):
+    """(query block, first row) of this program: a mask block runs as BLOCK_M // TILE_M programs
+    of TILE_M rows each (TILE_M < BLOCK_M only where a whole block's buffers would not fit the
+    shared memory, see :func:`.tuning.fit_tiles`)."""
+    if TILE_M == BLOCK_M:
+        i = tl.program_id(0)
+        row0 = i * BLOCK_M
+    else:
+        i = tl.program_id(0) // (BLOCK_M // TILE_M)
+        row0 = i * BLOCK_M + (tl.program_id(0) % (BLOCK_M // TILE_M)) * TILE_M
+    return i, row0
+
+
+@triton.jit
+def tile_start(lut, t, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
+    """First key of step t over a row's kept blocks (lut): a kept block of BLOCK_N keys is walked
+    in BLOCK_N // TILE_N steps of TILE_N keys (one step per block where it fits)."""
+    if TILE_N == BLOCK_N:
+        start = tl.load(lut + t) * BLOCK_N
+    else:
+        start = tl.load(lut + t // (BLOCK_N // TILE_N)) * BLOCK_N + (t % (BLOCK_N // TILE_N)) * TILE_N
+    return start
 
 
 @triton.jit
@@ -127,49 +152,50 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale, pv_lam,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-                HAS_KEEP: tl.constexpr, DEVICE_TMA: tl.constexpr = False, PV_FILTER: tl.constexpr = False):
+                HAS_KEEP: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+                DEVICE_TMA: tl.constexpr = False, PV_FILTER: tl.constexpr = False):
     qk_scale = tl.cast(qk_scale, tl.float32)   # Inductor's launches pass a Python float as fp64
     pv_lam = tl.cast(pv_lam, tl.float32)
     if DEVICE_TMA:   # K, V come as pointers: their (B, Hkv, Nk, D) descriptors are built here
         K = tl.make_tensor_descriptor(K, shape=[tl.num_programs(1) // Hq, Hq // G, Nk, D],
-                                      strides=[skb, skh, skn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
+                                      strides=[skb, skh, skn, 1], block_shape=[1, 1, TILE_N, BLOCK_D])
         V = tl.make_tensor_descriptor(V, shape=[tl.num_programs(1) // Hq, Hq // G, Nk, D],
-                                      strides=[svb, svh, svn, 1], block_shape=[1, 1, BLOCK_N, BLOCK_D])
-    i = tl.program_id(0)
+                                      strides=[svb, svh, svn, 1], block_shape=[1, 1, TILE_N, BLOCK_D])
+    i, row0 = block_rows(BLOCK_M, TILE_M)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // G
-    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D) if not EVEN_D else (offs_d < BLOCK_D)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=(offs_m < Nq)[:, None] & d_ok[None, :], other=0.0)
     q_ok = offs_m < Nq
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([TILE_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([TILE_M], tl.float32)
+    acc = tl.zeros([TILE_M, BLOCK_D], tl.float32)
     row = bh * nq + i
-    n_kept = tl.load(KvNum + row)
+    n_steps = tl.load(KvNum + row) * (BLOCK_N // TILE_N)
     lut = KvIdx + row * nk
     EVEN: tl.constexpr = EVEN_N and EVEN_D
     keep_base = Keep + b * Nk   # the key-padding mask's row (B, Nk), read only with HAS_KEEP
     if USE_TMA:  # K and V are (B, Hkv, Nk, D) tensor descriptors; rows past Nk read as zeros
-        for t in range(n_kept):
-            start = tl.load(lut + t) * BLOCK_N
-            k = K.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = V.load([b, hk, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        for t in range(n_steps):
+            start = tile_start(lut, t, BLOCK_N, TILE_N)
+            k = K.load([b, hk, start, 0]).reshape(TILE_N, BLOCK_D)
+            v = V.load([b, hk, start, 0]).reshape(TILE_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             m_i, l_i, acc = _softmax_step(s, start, offs_m, m_i, l_i, acc, v, qk_scale, Nk,
-                                                keep_base, PREC, BLOCK_M, BLOCK_N, EVEN_N, IS_CAUSAL,
+                                                keep_base, PREC, row0, TILE_N, EVEN_N, IS_CAUSAL,
                                                 HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     else:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
-        for t in range(n_kept):
-            start = tl.load(lut + t) * BLOCK_N
+        for t in range(n_steps):
+            start = tile_start(lut, t, BLOCK_N, TILE_N)
             m_i, l_i, acc = _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc,
-                                    qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, BLOCK_M, BLOCK_N,
+                                    qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, row0, TILE_N,
                                     EVEN_N, EVEN,
                                     IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -275,7 +301,7 @@ def descriptor(x: torch.Tensor, block_n: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box)
 
 
-_fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D"])
+_fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D", "TILE_M", "TILE_N"])
 
 
 def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, *,
@@ -290,26 +316,32 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
+    BLOCK_D = tuning.head_dim_tile(D)
+    row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
+    tiles = tuning.fit_tiles(block_q, block_k, row, 2 * row, q)
+    if tiles is None or (pv_threshold is not None and tiles != (block_q, block_k)):  # filter: per block
+        from . import torch_impl
+
+        return torch_impl.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
+                                        block_k, kv_keep, pv_threshold)
     out = attention_out(q, v.shape[-1])
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    BLOCK_D = tuning.head_dim_tile(D)
     mode = tma_mode(q, k, v, use_tma)
     if mode == "device" and q.is_cuda:
         device_tma_allocator()
-    kk, vv = (descriptor(k, block_k), descriptor(v, block_k)) if mode == "host" else (k, v)
+    kk, vv = (descriptor(k, tiles[1]), descriptor(v, tiles[1])) if mode == "host" else (k, v)
     keep = keep_pointer(kv_keep, kv_num_blocks)
     lam = 0.0 if pv_threshold is None else float(pv_threshold) * LOG2E
     args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E, lam,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
-                USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, DEVICE_TMA=mode == "device",
-                PV_FILTER=pv_threshold is not None)
+                USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, TILE_M=tiles[0], TILE_N=tiles[1],
+                DEVICE_TMA=mode == "device", PV_FILTER=pv_threshold is not None)
     fixed = fwd_defaults(BLOCK_D, mode is not None)
-    row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
-    stages = tuning.fit_stages(fixed["num_stages"], block_q * row, 2 * block_k * row, q)
-    tuning.launch(_fwd_kernel, _fwd_autotuned, (nq, B * Hq), q, args, meta, num_warps, num_stages,
-                  fixed=(fixed["num_warps"], stages))
+    stages = tuning.fit_stages(fixed["num_stages"], tiles[0] * row, 2 * tiles[1] * row, q)
+    tuning.launch(_fwd_kernel, _fwd_autotuned, (nq * (block_q // tiles[0]), B * Hq), q, args, meta, num_warps,
+                  num_stages, fixed=(fixed["num_warps"], stages))
     return out, lse
 
 

@@ -52,17 +52,44 @@ def _shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+# Shared-memory bytes a program may use, where set (the tests set it to run the split tiles of
+# fit_tiles on the CPU); None: the GPU's own limit (none on the CPU).
+SMEM_LIMIT: int | None = None
+
+
+def _smem_limit(x: torch.Tensor) -> int | None:
+    if SMEM_LIMIT is not None:
+        return SMEM_LIMIT
+    return _shared_memory(x.device.index) - 1024 if x.is_cuda else None  # a little for Triton's scratch
+
+
 def fit_stages(stages: int, fixed_bytes: int, stage_bytes: int, x: torch.Tensor) -> int:
     """The most pipelining stages, at most ``stages`` and at least 1, whose buffers fit the shared
     memory of x's GPU: ``fixed_bytes`` held for the whole program plus ``stage_bytes`` a stage.
     At bf16 and D <= 128 the H100 defaults fit as they are; wide rows (an fp32 tile of 128, a
     bf16 tile of 256, so also D = 160) get fewer stages instead of failing to launch."""
-    if not x.is_cuda:
-        return stages
-    limit = _shared_memory(x.device.index) - 1024  # a little for Triton's own scratch
-    while stages > 1 and fixed_bytes + stages * stage_bytes > limit:
+    limit = _smem_limit(x)
+    while limit is not None and stages > 1 and fixed_bytes + stages * stage_bytes > limit:
         stages -= 1
     return stages
+
+
+def fit_tiles(block_m: int, block_n: int, fixed_row: int, stage_row: int, x: torch.Tensor):
+    """(tile_m, tile_n) or None: the tiles a kernel runs a (block_m, block_n) mask block in, where
+    it holds ``fixed_row`` bytes per tile_m row and ``stage_row`` bytes per tile_n row (one
+    stage). The whole block where it fits (every bf16 shape up to D = 128); else the larger part
+    halved (keys first), down to 16 each: an fp32 128 x 128 block at D = 128 did not fit the
+    H200's 227 KiB even in one stage. None: not even 16 x 16 fits (the caller's fallback)."""
+    limit = _smem_limit(x)
+    tm, tn = block_m, block_n
+    while limit is not None and tm * fixed_row + tn * stage_row > limit:
+        if tn > 16 and (tn * stage_row >= tm * fixed_row or tm <= 16):
+            tn //= 2
+        elif tm > 16:
+            tm //= 2
+        else:
+            return None
+    return tm, tn
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,4 +182,4 @@ def best_configs() -> dict:
 
 
 __all__ = ["AUTOTUNE", "autotuned", "launch", "native", "is_native", "run", "best_configs", "fit_stages",
-           "head_dim_tile"]
+           "fit_tiles", "head_dim_tile"]
