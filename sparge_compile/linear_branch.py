@@ -55,10 +55,12 @@ def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, nb, block, D), zero rows past N."""
+    """(B, H, N, D) -> (B, H, nb, block, D), zero rows past N. Contiguous first: with a symbolic
+    N (dynamic shapes), the traced pad of a permuted x is taken to be contiguous, but a pad of 0
+    returns x's layout at run time, and the matmul's views that follow then fail."""
     B, H, N, D = x.shape
     nb = cdiv(N, block)
-    return F.pad(x, (0, 0, 0, nb * block - N)).reshape(B, H, nb, block, D)
+    return F.pad(x.contiguous(), (0, 0, 0, nb * block - N)).reshape(B, H, nb, block, D)
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:

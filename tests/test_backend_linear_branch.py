@@ -182,6 +182,22 @@ def test_compiled_equals_eager_sparse_linear(combine, router, causal):
     assert rel_err(sparse_only(x), out) > 1e-3
 
 
+def test_dynamic_shapes():
+    """dynamic=True, two sequence lengths (symbolic N; q, k, v permuted views, whose traced pad
+    once broke the linear branch's views): output and gradients equal eager."""
+    torch._dynamo.reset()
+    model, _ = tiny_with_branches("sla2", True, True, blocks=1)
+    compiled, be = compile_sparge(model, CFG, dynamic=True)
+    for n in (64, 80):
+        x = torch.randn(1, n, DIM, generator=torch.Generator().manual_seed(n)).requires_grad_()
+        out = compiled(x)
+        got = grads(model, out, x)
+        with LinearRef(model, masks_of(be)[-1:]):
+            ref_out = model(x)
+        assert rel_err(out, ref_out) < 1e-5
+        compare(got, grads(model, ref_out, x), 1e-4)
+
+
 def test_pairing_uses_each_modules_own_branch():
     """Swapping the two blocks' branches changes the compiled output, and the compiled output
     follows the swap as eager does (a site reading the other block's branch would fail)."""
@@ -269,6 +285,24 @@ def test_branch_on_a_module_called_twice_applies_to_each_call():
     assert [s.linear for s in be.report().sites] == ["sla2", "sla2"]
     with LinearRef(model, masks_of(be)):
         assert rel_err(out, model(x)) < 1e-5
+
+
+def test_branch_on_the_compiled_root_is_reported_not_applied():
+    """torch.compile(attn) with the branch on attn itself: Dynamo compiles the root's hooks as a
+    graph of their own, so the branch cannot be paired; the site runs sparse-only and the report
+    says so (not silently)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attn = Attn()
+    plain = copy.deepcopy(attn)
+    randomize(sc.enable_linear_branch(attn, [""], head_dim=32, num_heads=2, combine="sla").values())
+    compiled, be = compile_sparge(attn, CFG)
+    x = x_input()
+    out = compiled(x)
+    assert [s.linear for s in be.report().sites] == [""]
+    assert "linear branch of <root>: not applied" in str(be.report())
+    torch._dynamo.reset()
+    assert torch.equal(out, compile_sparge(plain, CFG)[0](x))
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])

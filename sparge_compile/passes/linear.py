@@ -8,8 +8,10 @@ the anchors of the innermost module call on its own stack that has any (a branch
 module, or on a block above it). The pairing holds only for one anchor and one attention call in
 that module call; anything else (two attention calls for one branch, an ``nn.MultiheadAttention``
 site, a key-padding mask) keeps its sites sparse-only, with the reason in the report's ``linear``
-column. An anchor with no attention call in its graph (e.g. a graph break between the module's
-start and its attention) is noted on the graph's report.
+column. An anchor with no attention call in its graph is noted on the graph's report (and logged):
+a graph break between the module's start and its attention, or a branch on the module that is
+itself the compiled root (``torch.compile(attn)``): Dynamo compiles the root's hooks as a graph
+of their own, so that branch is not applied.
 """
 from __future__ import annotations
 
@@ -88,14 +90,15 @@ def pair_branches(gm: fx.GraphModule, sites: list[AttentionMatch]):
         else:
             params, *spec = found[0].args
             branches[i] = Branch(list(params), *spec, module=path)
-    notes = [f"linear branch of {call[1] or '<root>'}: no attention call in this graph (graph break?), "
-             "not applied" for call in by_call if call not in groups]
+    notes = [f"linear branch of {call[1] or '<root>'}: not applied, no attention call in its graph (a "
+             "graph break, or its module is the compiled root, whose hooks Dynamo compiles apart: compile a "
+             "module above it)" for call in by_call if call not in groups]
     return branches, reasons, notes
 
 
 def remove_anchors(gm: fx.GraphModule) -> bool:
     """Erase the anchors (they compute nothing); True if there were any."""
-    found = anchors(gm)
+    found = [a for a in anchors(gm) if not a.users]
     for a in found:
         gm.graph.erase_node(a)
     return bool(found)

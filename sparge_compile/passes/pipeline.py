@@ -1,6 +1,8 @@
 """The whole pass: graph -> sites -> decisions (config, plan, min_seq_len) -> rewrite -> report."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 
@@ -14,6 +16,8 @@ from .linear import pair_branches, remove_anchors
 from .matcher import AttentionMatch, find_sites, key_length
 from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
+
+log = logging.getLogger("sparge_compile.backend")
 
 
 def module_path(node: fx.Node) -> str:
@@ -100,6 +104,8 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
     ids = assign_site_ids(sites, code)
     scope = _plan_scope(plan, sites, ids, owner, owner_param, graph_name, capture)
     branches, linear_reasons, notes = pair_branches(gm, sites)
+    for msg in notes + [f"{sid}: linear branch {why}" for sid, why in zip(ids, linear_reasons) if why]:
+        log.warning("sparge: graph %s: %s", graph_name, msg)
     report = GraphReport(graph=graph_name, notes=notes)
     replaced: dict = {}
     for site, sid, branch, why in zip(sites, ids, branches, linear_reasons):
