@@ -398,6 +398,29 @@ def test_diffusers_wan_with_branches():
         assert all(p.grad.abs().sum() > 0 for p in br.params())
 
 
+def test_diffusers_wan_compile_repeated_blocks():
+    """diffusers' regional compilation: one graph for Wan's blocks, each block's call with its own
+    branch (different parameters); equal to eager sparse + linear attention predicting its masks."""
+    torch._dynamo.reset()
+    model, inp, branches = wan_with_branches()
+    ref_model = copy.deepcopy(model)
+    be = sc.backend(config=CFG, inner="aot_eager")
+    model.compile_repeated_blocks(backend=be)
+    x = inp.pop("hidden_states")
+    with torch.no_grad():
+        out = model(hidden_states=x, **inp)[0]
+        rep = be.report()
+        assert [s.linear for s in rep.sites] == ["sla2+router", ""]
+        assert rep.sites[0].calls == len(branches) == 2
+        with LinearRef(ref_model) as ref:
+            want = ref_model(hidden_states=x, **inp)[0]
+        assert ref.used == 4 and rel_err(out, want) < 1e-5
+        b0, b1 = (ref_model.blocks[i].attn1.sparge_linear for i in (0, 1))
+        b1.load_state_dict(b0.state_dict())   # one branch for both: another output
+        with LinearRef(ref_model):
+            assert rel_err(ref_model(hidden_states=x, **inp)[0], want) > 1e-4
+
+
 def test_distill_trains_the_branches():
     """One distill step with branches attached moves their parameters (they get gradients
     through the compiled sites and are in the trained set)."""
