@@ -31,6 +31,7 @@ from . import kernels, ops, ops_linear
 from .attention import _config, predict_block_mask
 from .block_mask import SpargeBlockMask
 from .config import SpargeConfig
+from .kernels.torch_impl import indices_to_dense
 from .reference import block_scores, cdiv
 from .validate import check_block_mask, check_flag, check_qkv
 
@@ -39,9 +40,9 @@ COMBINES = ("sla", "sla2")
 METHODS = ("subtract", "direct")
 BRANCH_NAME = "sparge_linear"
 
-__all__ = ["BRANCH_NAME", "COMBINES", "FEATURE_MAPS", "LinearBranch", "block_states", "dropped_states",
-           "enable_linear_branch", "feature_map", "linear_attention_dropped", "linear_domain",
-           "sparse_linear_attention"]
+__all__ = ["AnchorHook", "BRANCH_NAME", "COMBINES", "FEATURE_MAPS", "LinearBranch", "block_states",
+           "combine_outputs", "dropped_states", "enable_linear_branch", "feature_map",
+           "linear_attention_dropped", "linear_domain", "route_qk", "sparse_linear_attention", "with_linear"]
 
 
 def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
@@ -54,10 +55,12 @@ def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, N, D) -> (B, H, nb, block, D), zero rows past N."""
+    """(B, H, N, D) -> (B, H, nb, block, D), zero rows past N. Contiguous first: with a symbolic
+    N (dynamic shapes), the traced pad of a permuted x is taken to be contiguous, but a pad of 0
+    returns x's layout at run time, and the matmul's views that follow then fail."""
     B, H, N, D = x.shape
     nb = cdiv(N, block)
-    return F.pad(x, (0, 0, 0, nb * block - N)).reshape(B, H, nb, block, D)
+    return F.pad(x.contiguous(), (0, 0, 0, nb * block - N)).reshape(B, H, nb, block, D)
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -181,30 +184,56 @@ class LinearBranch(nn.Module):
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, combine={self.combine!r}, "
                 f"feature_map={self.feature_map!r}, router={self.has_router}")
 
+    def params(self) -> list[torch.Tensor]:
+        """The learnable tensors in the order :func:`combine_outputs` and the backend's anchor
+        take them: sla ``[proj.weight, proj.bias]``; sla2 ``[gate]`` (+ ``[router_q, router_k]``)."""
+        if self.combine == "sla":
+            return [self.proj.weight, self.proj.bias]
+        return [self.gate] + ([self.router_q, self.router_k] if self.has_router else [])
+
+    def spec(self) -> tuple:
+        """(combine, feature_map, eps, router, num_heads or 0): what the compiled site needs besides
+        the parameters (the anchor's constant arguments)."""
+        return self.combine, self.feature_map, self.eps, self.has_router, self.num_heads or 0
+
     def route(self, q: torch.Tensor, k: torch.Tensor):
         """The (q, k) the mask and the pooled scores are computed from: routed if there is a router."""
-        if not self.has_router:
-            return q, k
-        return q @ self.router_q.to(q.dtype), k @ self.router_k.to(k.dtype)
+        return route_qk(q, k, self.params(), self.combine, self.has_router)
 
     def forward(self, out_sparse: torch.Tensor, out_lin: torch.Tensor, dropped: torch.Tensor,
                 kept_share: torch.Tensor | None = None) -> torch.Tensor:
         """Combine (B, H, Nq, D) outputs. dropped (B, H, Nq) bool: the row's query block dropped some
         block (elsewhere the branch adds nothing, proj's bias included). kept_share (B, H, Nq): r̂,
         needed by "sla2"."""
-        on = dropped[..., None]
-        if self.combine == "sla":
-            lin = self.proj(out_lin.to(self.proj.weight.dtype)).to(out_sparse.dtype)
-            return out_sparse + torch.where(on, lin, torch.zeros_like(lin))
-        if kept_share is None:
-            raise ValueError("combine='sla2' needs kept_share (the kept blocks' share of the pooled scores)")
-        H = out_sparse.shape[1]
-        if self.num_heads is not None and self.num_heads != H:
-            raise ValueError(f"LinearBranch has num_heads={self.num_heads} but the input has {H} heads")
-        g = self.gate.to(out_sparse.dtype).reshape(1, -1, 1)
-        a = (g * (1.0 - kept_share.to(out_sparse.dtype)))[..., None]   # no clamp: it would freeze g
-        a = torch.where(on, a, torch.zeros_like(a))
-        return (1.0 - a) * out_sparse + a * out_lin
+        return combine_outputs(out_sparse, out_lin, dropped, kept_share, self.combine, self.params(),
+                               self.num_heads or 0)
+
+
+def route_qk(q: torch.Tensor, k: torch.Tensor, params, combine: str, router: bool):
+    """(q W_q, k W_k) with sla2's router (params as :meth:`LinearBranch.params`), else (q, k)."""
+    if not router:
+        return q, k
+    _, wq, wk = params
+    return q @ wq.to(q.dtype), k @ wk.to(k.dtype)
+
+
+def combine_outputs(out_sparse, out_lin, dropped, kept_share, combine: str, params, num_heads: int = 0):
+    """:meth:`LinearBranch.forward` on its parameters as a list (``params()``): what the eager
+    function and the backend's compiled sites both call. num_heads 0: one sla2 gate for all heads."""
+    on = dropped[..., None]
+    if combine == "sla":
+        w, b = params
+        lin = F.linear(out_lin.to(w.dtype), w, b).to(out_sparse.dtype)
+        return out_sparse + torch.where(on, lin, torch.zeros_like(lin))
+    if kept_share is None:
+        raise ValueError("combine='sla2' needs kept_share (the kept blocks' share of the pooled scores)")
+    H = out_sparse.shape[1]
+    if num_heads and num_heads != H:
+        raise ValueError(f"LinearBranch has num_heads={num_heads} but the input has {H} heads")
+    g = params[0].to(out_sparse.dtype).reshape(1, -1, 1)
+    a = (g * (1.0 - kept_share.to(out_sparse.dtype)))[..., None]   # no clamp: it would freeze g
+    a = torch.where(on, a, torch.zeros_like(a))
+    return (1.0 - a) * out_sparse + a * out_lin
 
 
 def _per_token(x: torch.Tensor, block_q: int, nq_tok: int) -> torch.Tensor:
@@ -245,37 +274,91 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     if q.shape[-1] != branch.head_dim:
         raise ValueError(f"q has head dim {q.shape[-1]} but branch.head_dim is {branch.head_dim}")
     m = _mask(q, k, scale, is_causal, cfg, block_mask, branch)
-    bq, bk = m.block_q, m.block_k
-    out_s, _ = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal, bq, bk)
-    keep = m.to_dense()
+    out_s, _ = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal,
+                                             m.block_q, m.block_k)
+    return with_linear(out_s, q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal, m.block_q, m.block_k,
+                       branch.params(), *branch.spec())
+
+
+def with_linear(out_s, q, k, v, kv_num_blocks, kv_indices, scale: float, is_causal: bool, block_q: int,
+                block_k: int, params, combine: str, feature_map: str, eps: float, router: bool,
+                num_heads: int = 0, q_lin=None):
+    """The sparse output ``out_s`` (of the mask kv_num_blocks / kv_indices) combined with the linear
+    branch over the blocks that mask drops: the part of :func:`sparse_linear_attention` after the
+    sparse op, on the branch's parameters as a list (``LinearBranch.params()``) and its ``spec()``,
+    so the backend's compiled sites compute the same function. q_lin: the q of φ(q) when ``q`` is
+    pre-scaled (a symbolic scale: then scale is 1), else None (q itself)."""
+    q_lin = q if q_lin is None else q_lin
+    keep = indices_to_dense(kv_num_blocks, kv_indices, cdiv(k.shape[2], block_k))
     if kernels.use_triton(q):   # the Triton kernels (kernels/linear.py) behind a custom op
-        out_l = ops_linear.linear_dropped_op(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk, is_causal,
-                                             branch.feature_map, branch.eps)
+        out_l = ops_linear.linear_dropped_op(q_lin, k, v, kv_num_blocks, kv_indices, block_q, block_k,
+                                             is_causal, feature_map, eps)
     else:
-        out_l = linear_attention_dropped(q, k, v, keep, bq, bk, is_causal, branch.feature_map, branch.eps)
-    domain = linear_domain(q.shape[2], k.shape[2], bq, bk, is_causal, q.device)
-    dropped = _per_token((domain & ~keep).any(-1), bq, q.shape[2])
+        out_l = linear_attention_dropped(q_lin, k, v, keep, block_q, block_k, is_causal, feature_map, eps)
+    domain = linear_domain(q.shape[2], k.shape[2], block_q, block_k, is_causal, q.device)
+    dropped = _per_token((domain & ~keep).any(-1), block_q, q.shape[2])
     share = None
-    if branch.combine == "sla2":
-        rq, rk = branch.route(q, k)
-        share = _kept_share(rq, rk, scale, is_causal, keep, bq, bk)
-    return branch(out_s, out_l, dropped, share)
+    if combine == "sla2":
+        rq, rk = route_qk(q, k, params, combine, router)
+        share = _kept_share(rq, rk, scale, is_causal, keep, block_q, block_k)
+    return combine_outputs(out_s, out_l, dropped, share, combine, params, num_heads)
 
 
-def enable_linear_branch(model: nn.Module, sites, head_dim: int, num_heads: int | None = None,
-                         name: str = BRANCH_NAME, **kwargs) -> dict[str, LinearBranch]:
-    """Attach one LinearBranch as submodule ``name`` of each module path in ``sites`` (e.g. the
-    attention modules' dotted names), so its parameters are the model's (trained by distill(),
-    saved by state_dict()). kwargs go to LinearBranch. Returns {path: branch}. A site that already
-    has one keeps it. Finding the sites and using the branches is the backend's part (not yet)."""
+class AnchorHook:
+    """The forward pre-hook :func:`enable_linear_branch` puts on a site module. Under torch.compile
+    (Dynamo traces hooks) it calls ``sparge::linear_anchor`` on the branch's parameters: Dynamo then
+    lifts them into the graph as inputs, and the node carries the module's ``nn_module_stack``, so
+    the sparge backend pairs it with the module's attention call (passes/linear.py). The op is
+    pure and its output unused: other backends (AOTAutograd, Inductor) drop it, and run eagerly
+    the hook does nothing at all."""
+
+    def __init__(self, name: str = BRANCH_NAME):
+        self.name = name
+
+    def __call__(self, module: nn.Module, args):
+        if not torch.compiler.is_compiling():
+            return None
+        branch = getattr(module, self.name, None)
+        if isinstance(branch, LinearBranch):
+            ops_linear.linear_anchor_op(branch.params(), *branch.spec())
+        return None
+
+
+def _has_hook(module: nn.Module, name: str) -> bool:
+    return any(isinstance(h, AnchorHook) and h.name == name for h in module._forward_pre_hooks.values())
+
+
+def _site_module(model: nn.Module, path: str) -> nn.Module:
+    if not isinstance(path, str):
+        raise TypeError(f"sites: module paths are strings, got {type(path).__name__}")
+    try:
+        return model.get_submodule(path.split("#", 1)[0])
+    except AttributeError as err:
+        raise ValueError(f"sites: {path!r} is not a submodule of the model") from err
+
+
+def enable_linear_branch(model: nn.Module, sites=None, head_dim: int | None = None,
+                         num_heads: int | None = None, name: str = BRANCH_NAME,
+                         **kwargs) -> dict[str, LinearBranch]:
+    """Attach one LinearBranch as submodule ``name`` of each module path in ``sites`` (the attention
+    modules' dotted names, or the backend's site ids ``"blocks.0.attn#0"``, whose part before ``#``
+    is the module), so its parameters are the model's (trained by distill(), saved by
+    state_dict()), and a forward pre-hook (:class:`AnchorHook`) through which the sparge backend
+    finds it: the attention call of that module then computes sparse + linear attention with it.
+    kwargs go to LinearBranch. Returns {path: branch}. A site that already has one keeps it (and
+    its one hook)."""
+    if sites is None:
+        raise TypeError("enable_linear_branch needs sites: the module paths of the attention modules, "
+                        "e.g. ['blocks.0.attn', ...]. The site ids that sparge_compile.explain(compiled, "
+                        "*inputs) lists ('blocks.0.attn#0') are accepted as they are (compile the whole "
+                        "model, not its blocks, for ids that start at the model's root)")
     if isinstance(sites, str):
         raise TypeError("sites must be a list of module paths, not a single string")
+    if head_dim is None:
+        raise TypeError("enable_linear_branch needs head_dim (the attention's head dim)")
     found = {}
     for path in sites:
-        try:
-            site = model.get_submodule(path)
-        except AttributeError as err:
-            raise ValueError(f"sites: {path!r} is not a submodule of the model") from err
+        site = _site_module(model, path)
         branch = getattr(site, name, None)
         if branch is None:
             branch = LinearBranch(head_dim, num_heads, **kwargs)
@@ -285,5 +368,7 @@ def enable_linear_branch(model: nn.Module, sites, head_dim: int, num_heads: int 
             site.add_module(name, branch)
         elif not isinstance(branch, LinearBranch):
             raise ValueError(f"sites: {path!r} already has an attribute {name!r} that is not a LinearBranch")
+        if not _has_hook(site, name):
+            site.register_forward_pre_hook(AnchorHook(name))
         found[path] = branch
     return found

@@ -2,6 +2,7 @@
 
 * ``sparge::linear_dropped`` (q, k, v, kv_num_blocks, kv_indices, ...) -> O_lin   differentiable in q, k, v
 * ``sparge::linear_dropped_backward`` -> (dq, dk, dv)
+* ``sparge::linear_anchor`` (the branch's parameters, its spec) -> empty: the backend's marker
 
 O_lin is :func:`sparge_compile.linear_branch.linear_attention_dropped` of the mask's kept blocks
 (the definition). Triton kernels (:mod:`.kernels.linear`) where :func:`kernels.use_triton` says so
@@ -77,4 +78,22 @@ def _backward(ctx, dout):
 
 linear_dropped_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["linear_dropped_backward_op", "linear_dropped_op"]
+
+
+@torch.library.custom_op("sparge::linear_anchor", mutates_args=())
+def linear_anchor_op(params: list[Tensor], combine: str, feature_map: str, eps: float, router: bool,
+                     num_heads: int) -> Tensor:
+    """A marker, not a computation: the call :class:`~sparge_compile.linear_branch.AnchorHook` makes
+    under torch.compile so that Dynamo lifts a branch's parameters into the graph and records,
+    with the call's nn_module_stack, which module they belong to. The arguments are the branch's
+    ``params()`` and ``spec()``. Pure, with an unused empty output: the sparge backend removes it,
+    AOTAutograd and Inductor drop it as dead code, Dynamo keeps it (it only drops trivial nodes)."""
+    return params[0].new_empty(0)
+
+
+@linear_anchor_op.register_fake
+def _(params, combine, feature_map, eps, router, num_heads):
+    return params[0].new_empty(0)
+
+
+__all__ = ["linear_anchor_op", "linear_dropped_backward_op", "linear_dropped_op"]

@@ -253,6 +253,35 @@ def site_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool
     return out.squeeze(0) if squeeze else out
 
 
+def site_linear_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
+                          block_k: int, site: str, owner: Tensor | None, params: list, combine: str,
+                          feature_map: str, eps: float, router: bool, num_heads: int) -> Tensor:
+    """:func:`site_attention` of a site whose module carries a linear branch (SLA / SLA2, see
+    :mod:`sparge_compile.linear_branch`): the site's mask (predicted from the routed q, k when the
+    branch has a router), the sparse op, and the branch over the blocks the mask drops, with the
+    branch's parameters (``params``, graph inputs: their gradients flow) and spec. The Python ops
+    on every device (no native path); no key padding (the pass keeps such sites sparse-only).
+    """
+    from .linear_branch import route_qk, with_linear
+
+    q0 = q.unsqueeze(0) if q.dim() == 3 else q
+    q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
+    causal, st = bool(is_causal), _state(site)
+    rq, rk = route_qk(q, k, params, combine, router)
+    mask = site_block_mask(rq.detach(), rk.detach(), scale, causal, block_q, block_k, site, _owner(owner))
+    if st.config.precision != "bf16":
+        from .ops_lowbit import block_sparse_attention_lowbit_op
+
+        out, _ = block_sparse_attention_lowbit_op(q, k, v, *mask, scale, causal, block_q, block_k,
+                                                  st.config.precision, None)
+    else:
+        out, _ = ops.block_sparse_attention_op(q, k, v, *mask, scale, causal, block_q, block_k, None,
+                                               st.config.pv_threshold)
+    out = with_linear(out, q, k, v, *mask, scale, causal, block_q, block_k, params, combine, feature_map, eps,
+                      router, num_heads, q_lin=None if q0 is q else q0)
+    return out.squeeze(0) if squeeze else out
+
+
 def site_capture_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causal: bool, block_q: int,
                            block_k: int, site: str, owner: Tensor | None = None) -> Tensor:
     """The calibration stand-in for :func:`site_attention`: dense attention, q/k/v captured."""

@@ -1,6 +1,8 @@
 """The whole pass: graph -> sites -> decisions (config, plan, min_seq_len) -> rewrite -> report."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import fx
 
@@ -10,9 +12,12 @@ from ..plan import SpargePlan, plan_choice
 from ..plan_scope import InstanceConfigs, graph_scope, qualified_name, site_owner_path
 from .canonical import example_value
 from .graph import build_graph
+from .linear import pair_branches, remove_anchors
 from .matcher import AttentionMatch, find_sites, key_length
 from .report import GraphReport, SiteReport
 from .rewrite import finish, rewrite_site
+
+log = logging.getLogger("sparge_compile.backend")
 
 
 def module_path(node: fx.Node) -> str:
@@ -98,9 +103,12 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
     sites = find_sites(gm, g)
     ids = assign_site_ids(sites, code)
     scope = _plan_scope(plan, sites, ids, owner, owner_param, graph_name, capture)
-    report = GraphReport(graph=graph_name)
+    branches, linear_reasons, notes = pair_branches(gm, sites)
+    for msg in notes + [f"{sid}: linear branch {why}" for sid, why in zip(ids, linear_reasons) if why]:
+        log.warning("sparge: graph %s: %s", graph_name, msg)
+    report = GraphReport(graph=graph_name, notes=notes)
     replaced: dict = {}
-    for site, sid in zip(sites, ids):
+    for site, sid, branch, why in zip(sites, ids, branches, linear_reasons):
         info = SiteReport(graph_name, site.name, site.kind, site.spelling, site.rewrite, site.reason,
                           site.shapes, site.dtype, site.is_causal, site_id=sid)
         cfg = config
@@ -115,16 +123,27 @@ def sparsify_graph(gm: fx.GraphModule, config: SpargeConfig, plan=None, graph_na
             if _short(nk, cfg.min_seq_len):
                 site.dense(f"short: key length {nk} < min_seq_len {cfg.min_seq_len}")
         info.rewritten, info.reason = site.rewrite, site.reason
+        info.linear = _linear_label(site, branch, why, capture)
         if site.rewrite:
             key, info.state = site_ops.new_site(f"{graph_name}/{site.name}", cfg)
             if scope is not None:
                 info.state.per_owner = _per_owner(scope, site, sid, config)
-            rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner, state=info.state)
+            rewrite_site(gm, site, cfg, key, replaced, capture=capture, owner=owner, state=info.state,
+                         linear=None if capture else branch)
             info.key, info.block_q, info.block_k = key, cfg.block_q, cfg.block_k
         report.sites.append(info)
-    if replaced:
+    if remove_anchors(gm) or replaced:
         finish(gm)
     return report
+
+
+def _linear_label(site: AttentionMatch, branch, why: str, capture: bool) -> str:
+    """The report's ``linear`` entry: the paired branch's combine, or why a branch is not applied."""
+    if branch is None:
+        return why
+    if capture:
+        return f"{branch.label}: not applied (calibration runs dense)"
+    return branch.label if site.rewrite else f"{branch.label}: not applied (dense site)"
 
 
 def _per_owner(scope, site, sid: str, config: SpargeConfig) -> InstanceConfigs:

@@ -32,6 +32,7 @@ class SiteReport:
     key: str | None = None     # run-time state key (rewritten sites)
     site_id: str = ""          # stable id: "<module path>#<ordinal>" (what a SpargePlan names)
     state: object = field(default=None, repr=False)   # its site_ops.SiteState (rewritten sites)
+    linear: str = ""           # its module's linear branch: "sla", "sla2+router", or why not applied
 
     @property
     def calls(self) -> int:
@@ -90,7 +91,7 @@ class SiteReport:
                     spelling=self.spelling,
                     rewritten=self.rewritten, reason=self.reason, shapes=self.shapes, dtype=self.dtype,
                     is_causal=self.is_causal, block_q=self.block_q, block_k=self.block_k,
-                    calls=self.calls, sparsity=sp, instances=[
+                    calls=self.calls, sparsity=sp, linear=self.linear, instances=[
                         dict(i, block_mask=None, config=dataclasses.asdict(i["config"]),
                              sparsity=None if i["block_mask"] is None else i["block_mask"].sparsity())
                         for i in self.instances()])
@@ -104,6 +105,7 @@ class GraphReport:
     sites: list[SiteReport] = field(default_factory=list)
     inner: str = "inductor"
     serial: int = 0               # compile order (explain lists graphs in it)
+    notes: list = field(default_factory=list)   # e.g. a linear branch with no attention site in the graph
 
 
 class Report:
@@ -133,7 +135,7 @@ class Report:
     def table(self) -> str:
         """One row per site; a site shared by module instances (regional compilation) has one row
         per instance, with the instance's id and choice."""
-        rows = []
+        rows, linear = [], any(s.linear for s in self.sites)
         for s in self.sites:
             shapes = ["x".join(map(str, s.shapes.get(n, ()))) for n in ("q", "k")]
             insts = s.instances()
@@ -142,12 +144,14 @@ class Report:
                 sp = None if i["block_mask"] is None else i["block_mask"].sparsity()
                 status = ("dense (plan)" if insts else "dense") if i["dense"] else "sparse"
                 rows.append([s.graph, s.name, i["site_id"], s.kind, status, _choice(i["config"], i["dense"]),
-                             s.reason, *shapes, s.dtype, "-" if sp is None else f"{sp:.1%}"])
+                             s.reason, *shapes, s.dtype, "-" if sp is None else f"{sp:.1%}"]
+                            + ([s.linear or "-"] if linear else []))
         head = ["graph", "site", "id", "kind", "status", "topk / topp", "reason", "q shape", "k shape",
-                "dtype", "sparsity"]
+                "dtype", "sparsity"] + (["linear"] if linear else [])
         n_sparse = len(self.rewritten)
+        notes = "".join(f"\n{g.graph}: {n}" for g in self.graphs for n in g.notes)
         return (f"sparge: {len(self.sites)} attention site(s), {n_sparse} rewritten, "
-                f"{len(self.sites) - n_sparse} dense\n" + tabulate(rows, headers=head))
+                f"{len(self.sites) - n_sparse} dense\n" + tabulate(rows, headers=head) + notes)
 
     def __str__(self):
         return self.table()

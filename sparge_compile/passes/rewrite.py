@@ -28,13 +28,15 @@ def _device_buffers(site: AttentionMatch, config: SpargeConfig, state) -> None:
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig, key: str,
                  replaced: dict | None = None, capture: bool = False,
-                 owner: fx.Node | None = None, state=None) -> fx.Node:
+                 owner: fx.Node | None = None, state=None, linear=None) -> fx.Node:
     """Insert the sparse call before the site's anchor and route the anchor's users to it.
 
     replaced: anchors rewritten earlier -> their replacement (a site may read another's output).
     capture: call the calibration capture op (dense attention, q/k/v reported) instead.
     owner: a placeholder holding a parameter of the compiled model (tags the site's calls).
     state: the site's SiteState (its native-path buffers are made here).
+    linear: the site's paired :class:`~sparge_compile.passes.linear.Branch` (sparse + linear
+    attention with its parameters), or None.
     """
     graph = gm.graph
     anchor = site.anchor
@@ -54,14 +56,16 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionMatch, config: SpargeConfig,
         else:
             q, k, v = (_operand(graph, o, resolve) for o in (site.q, site.k, site.v))
             fn = site_ops.site_capture_attention if capture else site_ops.site_attention
-            if not capture:
-                _device_buffers(site, config, state)
+            args = (q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
+                    config.block_k, key, owner)
             kwargs = {}
+            if linear is not None and not capture:   # the Python ops: no device buffers
+                fn, args = site_ops.site_linear_attention, args + linear.args()
+            elif not capture:
+                _device_buffers(site, config, state)
             if site.key_padding is not None:
                 kwargs["kv_keep"] = resolve(site.key_padding)
-            new = graph.call_function(fn, (
-                q, k, v, resolve([tuple(p) for p in site.scale_parts]), site.is_causal, config.block_q,
-                config.block_k, key, owner), kwargs or None)
+            new = graph.call_function(fn, args, kwargs or None)
             if site.out_perm is not None:
                 new = graph.call_method("permute", (new, *site.out_perm))
     new.meta.update({k: v for k, v in anchor.meta.items() if k in ("stack_trace", "nn_module_stack",
