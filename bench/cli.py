@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "e2e": ("bench.e2e", 'a Wan2.1-1.3B-sized DiT stack compiled with "inductor" vs "sparge"'),
     "calibrate": ("bench.calibrate", "sc.calibrate's per-site plan vs one global (topk, topp)"),
     "distill": ("bench.distill", "distillation recovers quality at ~95% sparsity (small DiT, own data)"),
+    "quality": ("bench.quality", "rules, SLA's sparse + linear, filters at 95/97%: before/after distill"),
     "models": ("bench.model_steps", "diffusers DiT-L/2, Flux, Wan2.1-1.3B: dense vs sparge step"),
     "dit": ("bench.dit", 'diffusers\' DiTTransformer2DModel through backend="sparge" vs inductor'),
     "masks": ("bench.masks", "masked models (Llama causal prefill, BERT with padding) vs inductor"),

@@ -6,6 +6,7 @@ images and videos. No downloads.
 * :func:`trained_qkv`: Q/K/V of a tiny video transformer trained on :func:`moving_blobs` (``accuracy``)
 * :func:`smooth_dit_batch`: spatially smooth DiT-stack inputs (``calibrate``)
 * :func:`shape_images`: coloured shapes on gradients, the class is the front shape (``distill``)
+* :func:`shape_clips`: the same as clips (a shape crossing the frames) laid out as a mosaic (``quality``)
 """
 from __future__ import annotations
 
@@ -206,3 +207,48 @@ def shape_images(n: int, size: int, gen: torch.Generator, device) -> tuple[torch
     m, col = shape(y, 0.15 + rand(n) * 0.15)
     img = img * (1 - m) + col * m
     return img.clamp(-1, 1), y
+
+
+def shape_clips(n: int, frames: int, size: int, gen: torch.Generator,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n video-like clips as mosaic images (n, 3, g·size, g·size), g = sqrt(frames), frame t at
+    tile (t // g, t % g), values in [-1, 1], and their class (n,): the moving shape's kind (0 circle,
+    1 square, 2 diamond). Per clip: a gradient background and a smaller still shape, fixed; the
+    front shape crosses the clip in a straight line (its centre moves from one random point to
+    another over the frames). One token per pixel at patch 1: attention must find the same shape
+    in every tile, a structure as long-range as a video's."""
+    g = math.isqrt(frames)
+    if g * g != frames:
+        raise ValueError(f"frames must be a square number (a g x g mosaic), got {frames}")
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, device=device)
+
+    ax = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    yy, xx = ax.view(1, 1, -1, 1), ax.view(1, 1, 1, -1)            # (1, 1, S, 1), (1, 1, 1, S)
+    tt = torch.linspace(0, 1, frames, device=device).view(1, frames, 1, 1)
+    theta = rand(n) * 2 * math.pi
+    cos, sin = torch.cos(theta).view(-1, 1, 1, 1), torch.sin(theta).view(-1, 1, 1, 1)
+    grad = cos * (xx - 0.5) + sin * (yy - 0.5) + 0.5
+    c1, c2 = rand(n, 3) * 1.2 - 0.6, rand(n, 3) * 1.2 - 0.6
+    img = c1.view(n, 1, 3, 1, 1) + (c2 - c1).view(n, 1, 3, 1, 1) * grad.clamp(0, 1).unsqueeze(2)
+
+    def shape(kind, r, moving):
+        lo, span = r.view(-1, 1, 1, 1), (1 - 2 * r).view(-1, 1, 1, 1)
+        cx0, cy0, cx1, cy1 = (lo + rand(n).view(-1, 1, 1, 1) * span for _ in range(4))
+        w = tt if moving else torch.zeros_like(tt)
+        dx, dy = (xx - (cx0 + (cx1 - cx0) * w)).abs(), (yy - (cy0 + (cy1 - cy0) * w)).abs()
+        k = kind.view(-1, 1, 1, 1)
+        d = torch.where(k == 0, torch.sqrt(dx ** 2 + dy ** 2), torch.where(k == 1, torch.maximum(dx, dy),
+                                                                           (dx + dy) / 1.3))
+        m = torch.sigmoid((lo - d) * size * 1.5).unsqueeze(2)          # (n, F, 1, S, S)
+        col = (rand(n, 3) * 2 - 1).sign() * (0.5 + 0.5 * rand(n, 3))
+        return m, col.view(n, 1, 3, 1, 1)
+
+    m, col = shape(torch.randint(0, SHAPE_CLASSES, (n,), generator=gen, device=device), 0.08 + rand(n) * 0.1,
+                   moving=False)
+    img = img * (1 - m) + col * m
+    y = torch.randint(0, SHAPE_CLASSES, (n,), generator=gen, device=device)
+    m, col = shape(y, 0.12 + rand(n) * 0.1, moving=True)
+    img = (img * (1 - m) + col * m).clamp(-1, 1)                          # (n, F, 3, S, S)
+    return img.view(n, g, g, 3, size, size).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, g * size, g * size), y

@@ -42,7 +42,14 @@ from sparge_compile.models import DiT
 # Teacher training (flow matching, x_t = (1 - t) x0 + t eps, v = eps - x0)
 
 
-def train_teacher(args, device, amp) -> tuple[DiT, dict]:
+def image_data(args):
+    """(n, generator, device) -> (images, classes): this benchmark's data (shape_images)."""
+    return lambda n, gen, device: shape_images(n, args.image_size, gen, device)
+
+
+def train_teacher(args, device, amp, data=None) -> tuple[DiT, dict]:
+    """data: (n, generator, device) -> (x0, y), default :func:`image_data`."""
+    data = data or image_data(args)
     torch.manual_seed(args.seed)
     model = DiT(image_size=args.image_size, patch=args.patch, in_ch=3, dim=args.dim, depth=args.depth,
                 heads=args.heads, num_classes=SHAPE_CLASSES).to(device)
@@ -52,7 +59,7 @@ def train_teacher(args, device, amp) -> tuple[DiT, dict]:
     t0 = time.perf_counter()
     losses, step = [], 0
     while step < args.train_steps and time.perf_counter() - t0 < args.train_seconds:
-        x0, y = shape_images(args.batch, args.image_size, gen, device)
+        x0, y = data(args.batch, gen, device)
         y = torch.where(torch.rand(args.batch, generator=gen, device=device) < 0.1, SHAPE_CLASSES, y)  # null
         t = sc.logit_normal_timesteps(args.batch, generator=gen, device=device)
         eps = torch.randn(x0.shape, generator=gen, device=device)
@@ -88,11 +95,12 @@ def train_teacher(args, device, amp) -> tuple[DiT, dict]:
 
 
 @contextlib.contextmanager
-def capture_qk(store: list):
+def capture_qk(store: list, with_v: bool = False):
+    """Within: every F.scaled_dot_product_attention call appends its (q, k) (and v) to store."""
     dense = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, *a, **kw):
-        store.append((q.detach(), k.detach()))
+        store.append((q.detach(), k.detach(), v.detach()) if with_v else (q.detach(), k.detach()))
         return dense(q, k, v, *a, **kw)
     F.scaled_dot_product_attention = sdpa
     try:
@@ -159,18 +167,23 @@ def site_sparsity(be) -> float | None:
 # CLI
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", type=int, default=64)
+def add_teacher_args(p: argparse.ArgumentParser, batch: int, train_seconds: float) -> None:
+    """The teacher DiT's sizes and training options (this benchmark's and ``bench quality``'s)."""
     p.add_argument("--patch", type=int, default=1)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32, help="teacher training batch")
+    p.add_argument("--batch", type=int, default=batch, help="teacher training batch")
     p.add_argument("--lr", type=float, default=3e-4, help="teacher training lr")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--train-seconds", type=float, default=180.0, help="teacher training time budget")
+    p.add_argument("--train-seconds", type=float, default=train_seconds, help="teacher training time budget")
     p.add_argument("--train-steps", type=int, default=100_000, help="teacher training step cap")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=64)
+    add_teacher_args(p, batch=32, train_seconds=180.0)
     p.add_argument("--sparsity", type=float, default=0.95)
     p.add_argument("--block-q", type=int, default=128)
     p.add_argument("--block-k", type=int, default=64)
@@ -198,10 +211,10 @@ def _sizes(args) -> None:
     args.inner = args.inner or "aot_eager"
 
 
-def held_out(args, teacher, device, amp) -> tuple[dict, dict]:
+def held_out(args, teacher, device, amp, data=None) -> tuple[dict, dict]:
     """Held-out eval inputs (noisy x_t, t, y, sampling noise) and the teacher's outputs on them."""
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
-    x0, y = shape_images(args.eval_n, args.image_size, g, device)
+    x0, y = (data or image_data(args))(args.eval_n, g, device)
     t = sc.logit_normal_timesteps(args.eval_n, generator=g, device=device)
     ev = dict(x_t=sc.flow.add_noise(x0, t, torch.randn(x0.shape, generator=g, device=device)), t=t, y=y,
               noise=torch.randn(x0.shape, generator=g, device=device))

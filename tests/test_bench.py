@@ -262,6 +262,39 @@ def test_distill(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
 
 
+def test_quality(tmp_path):
+    """bench quality at tiny sizes: a row per (sparsity, variant), the linear branch trained by the
+    distillation (its student differs from the sparse-only one), the teacher checkpoint reused."""
+    ck = tmp_path / "teacher.pt"
+    argv = ["quality", "--quick", "--train-steps", "3", "--variants", "hybrid,sla2", "--sparsities", "0.9",
+            "--distill-steps", "2", "--teacher-ckpt", str(ck), "--out", str(tmp_path)]
+    _bench(*argv)
+    r = _load(tmp_path, "quality")
+    assert [(x["sparsity_target"], x["variant"]) for x in r["rows"]] == [(0.9, "hybrid"), (0.9, "sla2")]
+    hyb, sla2 = r["rows"]
+    assert hyb["vel_err_before"] == sla2["vel_err_before"]   # the branch starts as the identity
+    assert hyb["vel_err_after"] != sla2["vel_err_after"]     # ... and distill trained it
+    assert 0.0 <= r["teacher_quality"]["class_acc_samples"] <= 1.0 and r["teacher_quality"]["edge_ratio"] > 0
+    assert ck.exists() and r["teacher"]["steps"] == 3
+    _bench(*argv[:-2], "--out", str(tmp_path / "again"))
+    again = _load(tmp_path / "again", "quality")
+    assert again["teacher"]["loaded_from"] == str(ck)
+    assert again["rows"][0]["vel_err_before"] == hyb["vel_err_before"]   # the same teacher, loaded
+
+
+def test_shape_clips_move_one_shape():
+    from bench.data import shape_clips
+
+    x, y = shape_clips(6, 4, 24, torch.Generator().manual_seed(0), "cpu")
+    assert x.shape == (6, 3, 48, 48) and y.shape == (6,) and x.min() >= -1 and x.max() <= 1
+    frames = x.unflatten(2, (2, 24)).unflatten(4, (2, 24)).permute(0, 2, 4, 1, 3, 5).reshape(6, 4, 3, 24, 24)
+    change = (frames[:, 0] - frames[:, -1]).abs().flatten(1)
+    assert (change.max(1).values > 0.5).all()             # the front shape moved in every clip
+    assert ((change < 1e-2).float().mean(1) > 0.4).all()  # the rest (soft edges aside) stays as it was
+    with pytest.raises(ValueError, match="square"):
+        shape_clips(2, 3, 8, torch.Generator(), "cpu")
+
+
 def _diffusers_dit_importable() -> bool:
     from _backend_util import allow_broken_torchvision
 
