@@ -209,6 +209,19 @@ class LinearBranch(nn.Module):
                                self.num_heads or 0)
 
 
+def check_fits(q: torch.Tensor, params, combine: str, router: bool, num_heads: int, where: str) -> None:
+    """A clear error where a branch (params as :meth:`LinearBranch.params`) was made for another
+    head dim or head count than the attention ``q`` ((B,) H, N, D; real or fake) it is applied to."""
+    H, D = q.shape[-3], q.shape[-1]
+    sized = params[0] if combine == "sla" else (params[1] if router else None)
+    if sized is not None and sized.shape[-1] != D:
+        raise ValueError(f"{where} has head_dim={sized.shape[-1]} but the attention's "
+                         f"head dim is {D} (q {tuple(q.shape)}); attach it with head_dim={D}")
+    if combine == "sla2" and num_heads and num_heads != H:
+        raise ValueError(f"{where} has num_heads={num_heads} but the attention has {H} "
+                         f"query heads (q {tuple(q.shape)}); attach it with num_heads={H} (or None)")
+
+
 def route_qk(q: torch.Tensor, k: torch.Tensor, params, combine: str, router: bool):
     """(q W_q, k W_k) with sla2's router (params as :meth:`LinearBranch.params`), else (q, k)."""
     if not router:

@@ -339,6 +339,21 @@ def test_enable_twice_one_hook_and_errors():
         sc.enable_linear_branch(model, ["blocks.1.attn"])
 
 
+@pytest.mark.parametrize("kw,named", [
+    (dict(head_dim=16, num_heads=HEADS, combine="sla"), "head_dim=32"),
+    (dict(head_dim=DIM // HEADS, num_heads=3, combine="sla2"), "num_heads=2"),
+    (dict(head_dim=16, combine="sla2", router=True), "head_dim=32")])
+def test_branch_made_for_another_shape_fails_naming_the_argument(kw, named):
+    """A branch attached with the wrong head_dim / num_heads: a compile-time error saying the value
+    to attach it with (it crashed in a fake-tensor matmul before)."""
+    torch._dynamo.reset()
+    model = Tiny()
+    sc.enable_linear_branch(model, ["blocks.0.attn"], **kw)
+    compiled, _ = compile_sparge(model)
+    with pytest.raises(Exception, match=f"linear branch of 'blocks.0.attn' has .*attach it with {named}"):
+        compiled(x_input())
+
+
 def test_report_marks_sites_without_a_branch():
     """A site with no branch stays as today (no linear entry); one with a branch shows it."""
     torch._dynamo.reset()

@@ -189,13 +189,14 @@ def _bwd_tiles(q, block_q, block_k, sub_m):
 def attention_bwd_triton(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal, block_q,
                          block_k, kv_keep=None, **overrides):
     """kv_keep: None or a (B, Nk) bool key-padding mask; overrides: of BWD_DEFAULTS (tuning knobs).
-    Where not even the smallest tiles fit the shared memory: the PyTorch backward."""
+    Where not even the smallest tiles fit the shared memory (or tuning.wide_exact_fp32): the
+    PyTorch backward."""
     bad = set(overrides) - set(BWD_DEFAULTS)
     if bad:
         raise TypeError(f"unknown tuning options {sorted(bad)}")
     cfg = dict(BWD_DEFAULTS, **overrides)
     tiles = _bwd_tiles(q, block_q, block_k, min(block_q, cfg["sub_m"]))
-    if tiles is None:
+    if tiles is None or tuning.wide_exact_fp32(q, tuning.head_dim_tile(q.shape[-1])):
         return torch_impl.attention_bwd(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, scale, is_causal,
                                         block_q, block_k, kv_keep)
     B, Hq, Nq, D = q.shape

@@ -319,7 +319,8 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
     BLOCK_D = tuning.head_dim_tile(D)
     row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
     tiles = tuning.fit_tiles(block_q, block_k, row, 2 * row, q)
-    if tiles is None or (pv_threshold is not None and tiles != (block_q, block_k)):  # filter: per block
+    if (tiles is None or tuning.wide_exact_fp32(q, BLOCK_D)
+            or (pv_threshold is not None and tiles != (block_q, block_k))):  # the filter is per block
         from . import torch_impl
 
         return torch_impl.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,

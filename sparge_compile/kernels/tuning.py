@@ -74,6 +74,13 @@ def fit_stages(stages: int, fixed_bytes: int, stage_bytes: int, x: torch.Tensor)
     return stages
 
 
+def wide_exact_fp32(x: torch.Tensor, block_d: int) -> bool:
+    """fp32 inputs on CUDA get exact (ieee) products, which Triton emits as FMA loops: at a head-dim
+    tile of 256 a kernel did not finish compiling within minutes (H200, 2026-12-04). Such calls
+    take the PyTorch path (cuBLAS matmuls) instead."""
+    return x.is_cuda and x.dtype == torch.float32 and block_d >= 256
+
+
 def fit_tiles(block_m: int, block_n: int, fixed_row: int, stage_row: int, x: torch.Tensor):
     """(tile_m, tile_n) or None: the tiles a kernel runs a (block_m, block_n) mask block in, where
     it holds ``fixed_row`` bytes per tile_m row and ``stage_row`` bytes per tile_n row (one
@@ -182,4 +189,4 @@ def best_configs() -> dict:
 
 
 __all__ = ["AUTOTUNE", "autotuned", "launch", "native", "is_native", "run", "best_configs", "fit_stages",
-           "fit_tiles", "head_dim_tile"]
+           "fit_tiles", "head_dim_tile", "wide_exact_fp32"]

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..linear_branch import check_fits
 from ..plan_scope import qualified_name
+from .canonical import example_value
 from .matcher import AttentionMatch
 
 
@@ -90,10 +92,24 @@ def pair_branches(gm: fx.GraphModule, sites: list[AttentionMatch]):
         else:
             params, *spec = found[0].args
             branches[i] = Branch(list(params), *spec, module=path)
+            _check_shapes(site, branches[i])
     notes = [f"linear branch of {call[1] or '<root>'}: not applied, no attention call in its graph (a "
              "graph break, or its module is the compiled root, whose hooks Dynamo compiles apart: compile a "
              "module above it)" for call in by_call if call not in groups]
     return branches, reasons, notes
+
+
+def _check_shapes(site: AttentionMatch, branch: Branch) -> None:
+    """The branch was made for this site's head dim and head count (else a ValueError naming the
+    value to attach it with), checked on the graph's example values."""
+    q = example_value(site.q.node)
+    params = [example_value(p) for p in branch.params]
+    if not isinstance(q, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params):
+        return
+    if site.q.perm is not None:
+        q = q.permute(*site.q.perm)
+    check_fits(q, params, branch.combine, branch.router, branch.num_heads,
+               f"the linear branch of {branch.module!r}")
 
 
 def remove_anchors(gm: fx.GraphModule) -> bool:
