@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, ops
+from .kernels.layout import attention_out
 
 
 @torch.library.custom_op("sparge::block_sparse_attention_lowbit", mutates_args=())
@@ -28,7 +29,7 @@ def block_sparse_attention_lowbit_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blo
 
 @block_sparse_attention_lowbit_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, precision, kv_keep=None):
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    out = attention_out(q, v.shape[-1])   # in q's layout, as both implementations return it
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     return out, lse
 

@@ -274,6 +274,28 @@ def test_op_fake_kernel_and_compile(monkeypatch):
     torch.testing.assert_close(f(*args), block_sparse_attention_lowbit_op(*args)[0])
 
 
+@triton_only
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_output_follows_the_query_layout(monkeypatch, interpret):
+    """As the bf16 op: a (B, N, H, D)-major q gives a (B, N, H, D)-major output (diffusers'
+    transpose back is then a view), real and fake strides agree, values equal contiguous inputs'."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs("random", 1, 2, 2, 128, 64))
+    num, idx = random_mask(5, 1, 2, 128, 128)
+    args = (num, idx, 0.125, False, 128, 64, "int8")
+    out, lse = block_sparse_attention_lowbit_op(q, k, v, *args)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fout, flse = block_sparse_attention_lowbit_op(q, k, v, *args)
+    assert out.stride() == fout.stride() and lse.stride() == flse.stride()
+    out.transpose(1, 2).view(1, 128, -1)   # a view: raises if the layout needed a copy
+    cout, clse = block_sparse_attention_lowbit_op(*(x.contiguous() for x in (q, k, v)), *args)
+    assert cout.is_contiguous()
+    torch.testing.assert_close(out, cout, rtol=0, atol=0)
+    torch.testing.assert_close(lse, clse, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the error against exact attention on the same mask, over the shapes the bf16 path takes
 

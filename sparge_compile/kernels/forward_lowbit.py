@@ -33,6 +33,7 @@ import triton.language as tl
 from ..reference import cdiv
 from . import quant, tuning
 from .forward import descriptor, dot_precision, keep_pointer, key_mask, tma_ok
+from .layout import attention_out
 from .quant_triton import interpreting, quantize_inputs_triton, to_e4m3
 
 _LN2 = tl.constexpr(math.log(2.0))
@@ -170,14 +171,17 @@ def _launch_settings(z, block_q, block_k, BLOCK_D, use_tma, num_warps, num_stage
 
 
 def lowbit_kernel(z: quant.Quantized, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, Nq, Nk,
-                  D, out_dtype, *, kv_keep=None, num_warps=None, num_stages=None, use_tma=None, pv_acc=None):
+                  D, out_dtype, *, kv_keep=None, num_warps=None, num_stages=None, use_tma=None, pv_acc=None,
+                  like=None):
     """The forward kernel alone on quantized inputs z (:func:`quantize_inputs_triton`, whose padding
-    it needs). Returns (out (B, Hq, Nq, D) in out_dtype, lse (B, Hq, Nq) float32)."""
+    it needs). Returns (out (B, Hq, Nq, D) in out_dtype, in the layout of ``like`` (the unquantized
+    q, :func:`.layout.attention_out`) where given, else contiguous; lse (B, Hq, Nq) float32)."""
     B, Hq = z.q8.shape[:2]
     Hkv = z.k8.shape[1]
     BLOCK_D = z.q8.shape[-1]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
-    out = torch.empty((B, Hq, Nq, D), dtype=out_dtype, device=z.q8.device)
+    out = (torch.empty((B, Hq, Nq, D), dtype=out_dtype, device=z.q8.device) if like is None
+           else attention_out(like, D, out_dtype))
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=z.q8.device)
     use_tma = DEFAULTS["use_tma"] if use_tma is None else bool(use_tma)
     use_tma = use_tma and tma_ok(z.k8, BLOCK_D) and (z.vs is not None or (tma_ok(z.v8, D)))
@@ -209,7 +213,7 @@ def attention_fwd_lowbit_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_ca
         raise ValueError(f"v_layout must be 'nd' or 'dn', got {v_layout!r}")
     z = quantize_inputs_triton(q, k, v, scale, block_q, block_k, precision, pv, v_transposed=v_layout == "dn")
     return lowbit_kernel(z, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, q.shape[2],
-                         k.shape[2], q.shape[3], q.dtype, kv_keep=kv_keep, **launch)
+                         k.shape[2], q.shape[3], q.dtype, kv_keep=kv_keep, like=q, **launch)
 
 
 __all__ = ["DEFAULTS", "attention_fwd_lowbit_triton", "lowbit_kernel"]

@@ -28,6 +28,7 @@ import torch
 
 from .. import reference as R
 from ..validate import PRECISIONS  # noqa: F401  (re-exported: the forward's arithmetics)
+from .layout import attention_out
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -242,7 +243,7 @@ def exact_attention(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_
 def lowbit_attention_torch(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k,
                            precision, kv_keep=None, pv=None):
     """The CPU path of the low-bit op: the reference, returned as the kernel returns it (out in q's
-    dtype, lse float32)."""
+    dtype and layout, lse float32)."""
     out, lse = lowbit_reference_attention(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
                                           block_k, precision, kv_keep, pv)
-    return out.to(q.dtype), lse.to(torch.float32)
+    return attention_out(q, v.shape[-1]).copy_(out), lse.to(torch.float32)
