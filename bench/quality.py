@@ -23,7 +23,8 @@ training-free and distilled, on a DiT trained on video-like clips (issue 19).
     python -m bench quality --quick --out /tmp/q               # CPU smoke run
 
 Writes ``quality.json``, ``quality.md`` and ``quality_samples.png`` (rows: data, teacher, then each
-distilled student) under --out. thu-ml/SLA's own kernel is not in the table yet.
+distilled student) under --out. Where thu-ml/SLA's package (``sparse_linear_attention``) imports,
+the sla rows also time its own module on the same q/k/v at the same kept share (its top-k mask).
 """
 from __future__ import annotations
 
@@ -219,6 +220,26 @@ def _optimizer(module, args):
     return make
 
 
+def sla_peer_ms(qkv, target: float, args) -> float | None:
+    """thu-ml/SLA's own module (``sparse_linear_attention.SparseLinearAttention``: its top-k mask at
+    the same kept share, its Triton sparse kernel, linear attention over all keys, proj) on the same
+    q/k/v, where that package imports and on CUDA; else None."""
+    q, k, v = qkv
+    try:
+        from sparse_linear_attention import SparseLinearAttention
+    except ImportError:
+        return None
+    if not q.is_cuda:
+        return None
+    from triton.testing import do_bench
+
+    q, k, v = (x.to(torch.bfloat16).contiguous() for x in (q, k, v))
+    peer = SparseLinearAttention(q.shape[-1], topk=1 - target, BLKQ=args.block_q, BLKK=args.block_k)
+    peer = peer.to(q.device)
+    with torch.no_grad():
+        return do_bench(lambda: peer(q, k, v), warmup=25, rep=100)
+
+
 def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     """Calibrate, measure, distill, measure one variant at one sparsity: its row and samples."""
     cfg = variant_config(args, name, ctx["qks"], ctx["base"], target)
@@ -239,11 +260,12 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     samples = after.pop("samples").cpu()
     before.pop("samples")
     attn, sparse = attention_ms(cfg, branch_kw, ctx["qkv"], args)
+    peer = sla_peer_ms(ctx["qkv"], target, args) if name == "sla" else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, attn_ms=attn,
-               attn_vs_sparse=None if attn is None else attn / sparse)
+               attn_vs_sparse=None if attn is None else attn / sparse, sla_peer_ms=peer)
     print(f"{target:.2f} {name}: sparsity {row['sparsity']:.3f}; vel err {row['vel_err_before']:.4f} -> "
           f"{row['vel_err_after']:.4f}; PSNR {row['psnr_before']:.1f} -> {row['psnr_after']:.1f} dB "
           f"({secs:.0f} s)", flush=True)
@@ -253,7 +275,8 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
 COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("sparsity", "sparsity"),
            ("vel_err_before", "vel err training-free"), ("vel_err_after", "vel err distilled"),
            ("psnr_before", "PSNR training-free (dB)"), ("psnr_after", "PSNR distilled (dB)"),
-           ("attn_ms", "attention ms"), ("attn_vs_sparse", "vs sparse kernel"), ("distill_s", "distill s")]
+           ("attn_ms", "attention ms"), ("attn_vs_sparse", "vs sparse kernel"),
+           ("sla_peer_ms", "thu-ml/SLA ms (its top-k mask)"), ("distill_s", "distill s")]
 
 
 def write(args, tinfo, quality, rows, grid, total, device, out: Path) -> dict:
