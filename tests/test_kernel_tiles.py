@@ -85,3 +85,44 @@ def _check_padded(q, k, v, dense, cfg, case, keep, out, grads, dout):
     assert rel_err(out, ref) < TOL[torch.float32]
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 2 * TOL[torch.float32]
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("limit", [12000, 1000], indirect=True)
+def test_native_path_with_split_tiles_or_the_pytorch_fallback(limit, monkeypatch):
+    """The ops Inductor launches on the GPU (native_ops; run eagerly here) with split tiles or the
+    PyTorch fallback inside them: output and gradients equal the Python ops' path without a limit."""
+    from sparge_compile import site_ops
+
+    cfg = sc.SpargeConfig(topk=0.3, topp=0.0, block_q=64, block_k=64, min_seq_len=0)
+    torch.manual_seed(0)
+    model, x = _Attn(), torch.randn(1, 200, 64)
+
+    def run(native: bool):
+        monkeypatch.setattr(site_ops, "NATIVE_DEVICES", {"cpu"} if native else set())
+        torch._dynamo.reset()
+        be = sc.backend(config=cfg, inner="eager")   # the interpreter cannot run under AOT's fake tensors
+        xx = x.clone().requires_grad_(True)
+        y = torch.compile(model, backend=be)(xx)
+        y.square().sum().backward()
+        site = [s for g in be.graphs for s in g.sites if s.rewritten]
+        assert len(site) == 1
+        return y.detach(), xx.grad, site[0].state.native
+
+    y, gx, native = run(True)
+    assert native
+    monkeypatch.setattr(tuning, "SMEM_LIMIT", None)
+    ry, rgx, rnative = run(False)
+    assert not rnative
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-5)
