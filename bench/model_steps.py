@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def step_ms(fn, device, reps: int) -> float:
-    """Median wall ms of ``fn()`` over ``reps`` calls after two warm-up calls (synchronized)."""
+    """Median wall ms of ``fn()`` over ``reps`` calls after two warm-up calls (synchronized; an even
+    count takes the mean of the middle two: it took the slower of 2 for Wan before 2026-12-04)."""
     for _ in range(2):
         fn()
     times = []
@@ -132,7 +134,7 @@ def step_ms(fn, device, reps: int) -> float:
         fn()
         C.sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def compile_blockwise(model, backend, mode: str = "default"):
@@ -166,7 +168,7 @@ def model_rows(name, a, device, dtype) -> list[dict]:
     kw = build(name, a.quick, "cpu", torch.float32)[1]
     inp = inputs(name, kw, a.quick, device, dtype)
     mk = lambda: build(name, a.quick, device, dtype)[0]  # noqa: E731
-    rows, reps = [], max(2, a.reps // 3) if name == "wan" else a.reps
+    rows, reps = [], max(3, a.reps // 3) if name == "wan" else a.reps   # Wan: ~0.2-0.5 s a step
     first, dense, ref, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
     with no_attention():
         _, noop, _, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
