@@ -21,6 +21,7 @@ Combinations (:class:`LinearBranch`):
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,6 +35,8 @@ from .config import SpargeConfig
 from .kernels.torch_impl import indices_to_dense
 from .reference import block_scores, cdiv
 from .validate import check_block_mask, check_flag, check_qkv
+
+log = logging.getLogger(__name__)
 
 FEATURE_MAPS = ("softmax", "elu")
 COMBINES = ("sla", "sla2")
@@ -350,31 +353,66 @@ def _site_module(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"sites: {path!r} is not a submodule of the model") from err
 
 
+def _found_sites(model, sites, head_dim, example_inputs) -> dict:
+    """{module path: its head dim} from ``sites`` and ``head_dim``, or from running the model on
+    ``example_inputs`` (:func:`..site_finder.find_attention_modules`): every module whose own forward
+    calls attention once (all of them where ``sites`` is None), each with its own head dim."""
+    if sites is None and example_inputs is None:
+        raise TypeError("enable_linear_branch needs sites (the module paths of the attention modules, e.g. "
+                        "['blocks.0.attn', ...]; the site ids sparge_compile.explain lists are accepted) or "
+                        "example_inputs (the model then runs once and its attention modules are found)")
+    if isinstance(sites, str):
+        raise TypeError("sites must be a list of module paths, not a single string")
+    if example_inputs is None:
+        if head_dim is None:
+            raise TypeError("enable_linear_branch needs head_dim (the attention's head dim), or "
+                            "example_inputs to read it from the model's attention calls")
+        return {path: head_dim for path in sites}
+    from .site_finder import find_attention_modules
+
+    found = {f.path: f for f in find_attention_modules(model, example_inputs)}
+    wanted = list(found) if sites is None else [p.split("#", 1)[0] for p in sites]
+    return {path: _site_head_dim(path, found.get(path), head_dim) for path in wanted
+            if sites is not None or _usable(found[path])}
+
+
+def _usable(site) -> bool:
+    """A found site a branch can serve: not the root, one attention call per forward call, one head dim."""
+    ok = site.path != "" and site.calls_per_forward == 1 and site.head_dim is not None
+    if not ok:
+        log.warning("enable_linear_branch: no branch on %r (%s)", site.path or "<root>",
+                    "the compiled root's hooks are not in its graph" if site.path == "" else
+                    "several attention calls per forward call, or several head dims")
+    return ok
+
+
+def _site_head_dim(path, site, head_dim) -> int:
+    if site is None:
+        raise ValueError(f"sites: {path!r} calls no attention on example_inputs")
+    if site.head_dim is None or (head_dim is not None and head_dim != site.head_dim):
+        raise ValueError(f"sites: {path!r} calls attention with head dim {site.head_dim} (None: several), "
+                         f"not head_dim={head_dim}")
+    return site.head_dim
+
+
 def enable_linear_branch(model: nn.Module, sites=None, head_dim: int | None = None,
-                         num_heads: int | None = None, name: str = BRANCH_NAME,
+                         num_heads: int | None = None, name: str = BRANCH_NAME, *, example_inputs=None,
                          **kwargs) -> dict[str, LinearBranch]:
     """Attach one LinearBranch as submodule ``name`` of each module path in ``sites`` (the attention
     modules' dotted names, or the backend's site ids ``"blocks.0.attn#0"``, whose part before ``#``
     is the module), so its parameters are the model's (trained by distill(), saved by
     state_dict()), and a forward pre-hook (:class:`AnchorHook`) through which the sparge backend
     finds it: the attention call of that module then computes sparse + linear attention with it.
-    kwargs go to LinearBranch. Returns {path: branch}. A site that already has one keeps it (and
-    its one hook)."""
-    if sites is None:
-        raise TypeError("enable_linear_branch needs sites: the module paths of the attention modules, "
-                        "e.g. ['blocks.0.attn', ...]. The site ids that sparge_compile.explain(compiled, "
-                        "*inputs) lists ('blocks.0.attn#0') are accepted as they are (compile the whole "
-                        "model, not its blocks, for ids that start at the model's root)")
-    if isinstance(sites, str):
-        raise TypeError("sites must be a list of module paths, not a single string")
-    if head_dim is None:
-        raise TypeError("enable_linear_branch needs head_dim (the attention's head dim)")
+    example_inputs (a tuple of arguments or a dict of keyword arguments): the model runs on them
+    once (no gradients) and, with sites None, every module whose own forward calls attention once
+    gets a branch, each of its own head dim (head_dim may then be omitted). kwargs go to
+    LinearBranch. Returns {path: branch}. A site that already has one keeps it (and its hook)."""
     found = {}
-    for path in sites:
+    for path, dim in _found_sites(model, sites, head_dim, example_inputs).items():
         site = _site_module(model, path)
         branch = getattr(site, name, None)
         if branch is None:
-            branch = LinearBranch(head_dim, num_heads, **kwargs)
+            branch = LinearBranch(dim, num_heads, **kwargs)
             params = next(site.parameters(), None)
             if params is not None:      # the site's device; the branch stays float32 (as SLA's proj_l)
                 branch = branch.to(params.device)

@@ -449,3 +449,57 @@ def test_distill_trains_the_branches():
     after = dict(model.named_parameters())
     moved = [n for n in before if not torch.equal(before[n], after[n].detach())]
     assert moved == list(before), sorted(set(before) - set(moved))
+
+
+def test_example_inputs_find_the_attention_modules():
+    """enable_linear_branch(model, example_inputs=...): a branch on each module whose own forward
+    calls attention once, of its head dim, none on a module calling it twice or on the root; the
+    same sites and outputs as listing them by hand."""
+    class Twice(Attn):
+        def forward(self, x):
+            return super().forward(x) + super().forward(2 * x)
+
+    class Model(Tiny):
+        def __init__(self):
+            super().__init__()
+            self.twice = Twice()
+
+        def forward(self, x):
+            return self.twice(super().forward(x))
+
+    torch.manual_seed(0)
+    model, x = Model(), x_input()
+    by_hand = copy.deepcopy(model)
+    found = sc.enable_linear_branch(model, example_inputs=(x,), combine="sla")
+    assert sorted(found) == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(b.head_dim == DIM // HEADS for b in found.values())
+    assert not hasattr(model.twice, "sparge_linear")
+    mine = sc.enable_linear_branch(by_hand, ["blocks.0.attn", "blocks.1.attn"], head_dim=DIM // HEADS,
+                                   combine="sla")
+    randomize(found.values())
+    randomize(mine.values())
+    assert torch.equal(model(x), by_hand(x))   # eager: the branches are inert there
+    outs = []
+    for m in (model, by_hand):
+        torch._dynamo.reset()
+        compiled, be = compile_sparge(m, CFG)
+        outs.append(compiled(x))
+        assert [s.linear for s in be.report().sites][:2] == ["sla", "sla"]
+    assert torch.equal(*outs)
+    with pytest.raises(ValueError, match="head dim 32"):
+        sc.enable_linear_branch(Tiny(), ["blocks.0.attn"], head_dim=16, example_inputs=(x,))
+    with pytest.raises(ValueError, match="calls no attention"):
+        sc.enable_linear_branch(Tiny(), ["blocks.0.mlp"], example_inputs=(x,))
+
+
+def test_example_inputs_find_diffusers_attention_modules():
+    """On diffusers' Wan (keyword inputs): every Attention module that calls SDPA, and as many as an
+    independent SDPA count sees."""
+    model, inp, _ = wan_with_branches()
+    fresh = type(model)(**model.config).eval()
+    with SDPACalls() as calls:
+        with torch.no_grad():
+            fresh(**inp)
+    found = sc.enable_linear_branch(fresh, example_inputs=inp, combine="sla")
+    assert len(found) == calls.calls and all(p.endswith(("attn1", "attn2")) for p in found)
+    assert {b.head_dim for b in found.values()} == set(calls.head_dims)
