@@ -137,6 +137,19 @@ def step_ms(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
+def host_ms(fn, device, reps: int) -> float:
+    """Median ms until ``fn()`` returns, the GPU idle before each call: the host's cost of a step
+    (launches, Python, guards). Near the step time: the step is host-bound (CUDA graphs help)."""
+    times = []
+    for _ in range(max(1, reps)):
+        C.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    C.sync(device)
+    return statistics.median(times)
+
+
 def compile_blockwise(model, backend, mode: str = "default"):
     """diffusers' regional compilation of ``model`` (in place; returned): one graph per block type."""
     if not getattr(model, "_repeated_blocks", None):   # DiT declares none: its blocks, the same way
@@ -146,7 +159,7 @@ def compile_blockwise(model, backend, mode: str = "default"):
 
 
 def compiled_step(build_model, backend, mode, inp, device, reps):
-    """(compile seconds, step ms, output, model) of a fresh model compiled block-wise."""
+    """(compile seconds, step ms, output, host ms) of a fresh model compiled block-wise."""
     torch._dynamo.reset()
     model = compile_blockwise(build_model(), backend, mode)
     with torch.no_grad():
@@ -156,7 +169,8 @@ def compiled_step(build_model, backend, mode, inp, device, reps):
         C.sync(device)
         first = time.perf_counter() - t0
         ms = step_ms(lambda: model(**inp), device, reps)
-    return first, ms, out.float(), model
+        host = host_ms(lambda: model(**inp), device, reps)
+    return first, ms, out.float(), host
 
 
 def _sparsity(be) -> float | None:
@@ -169,12 +183,12 @@ def model_rows(name, a, device, dtype) -> list[dict]:
     inp = inputs(name, kw, a.quick, device, dtype)
     mk = lambda: build(name, a.quick, device, dtype)[0]  # noqa: E731
     rows, reps = [], max(3, a.reps // 3) if name == "wan" else a.reps   # Wan: ~0.2-0.5 s a step
-    first, dense, ref, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
+    first, dense, ref, host = compiled_step(mk, "inductor", "default", inp, device, reps)
     with no_attention():
         _, noop, _, _ = compiled_step(mk, "inductor", "default", inp, device, reps)
     attn = max(dense - noop, 0.0)
-    rows.append(dict(model=name, variant="inductor dense", step_ms=dense, compile_s=first, speedup=1.0,
-                     attention_ms=attn, attention_share=attn / dense))
+    rows.append(dict(model=name, variant="inductor dense", step_ms=dense, host_ms=host, compile_s=first,
+                     speedup=1.0, attention_ms=attn, attention_share=attn / dense))
     for lin in a.linears.split(","):
         mkl = mk if lin == "bf16" else (lambda: build(name, a.quick, device, dtype, lin)[0])  # noqa: E731
         tag = "" if lin == "bf16" else f", {lin} linears"
@@ -200,16 +214,17 @@ def _sparse_rows(name, a, mk, tag, inp, device, reps, ref, dense, attn) -> list[
 
 
 def _sparse_row(mk, be, mode, inp, device, reps, ref, dense, attn) -> dict:
-    first, ms, out, _ = compiled_step(mk, be, mode, inp, device, reps)
+    first, ms, out, host = compiled_step(mk, be, mode, inp, device, reps)
     sp = _sparsity(be) if not isinstance(be, str) else None
     limit = None if sp is None else dense / max(dense - 0.9 * sp * attn, 1e-9)
-    return dict(step_ms=ms, compile_s=first, sparsity=sp, speedup=dense / ms, limit_90pct=limit,
+    return dict(step_ms=ms, host_ms=host, compile_s=first, sparsity=sp, speedup=dense / ms, limit_90pct=limit,
                 meets=None if limit is None else dense / ms >= limit,
                 rel_err_vs_dense=C.rel_l2(out, ref))
 
 
 COLUMNS = [("model", "model"), ("variant", "variant"), ("sparsity", "measured sparsity"),
-           ("step_ms", "step ms"), ("speedup", "speed-up"), ("limit_90pct", "90% of the mask's saving"),
+           ("step_ms", "step ms"), ("host_ms", "host ms (launch only)"), ("speedup", "speed-up"),
+           ("limit_90pct", "90% of the mask's saving"),
            ("attention_share", "dense attention share"), ("compile_s", "first call s"),
            ("rel_err_vs_dense", "rel. err vs dense"), ("error", "error")]
 

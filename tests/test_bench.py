@@ -359,6 +359,7 @@ def test_models_quick(tmp_path):
     assert dense["variant"] == "inductor dense" and 0 <= dense["attention_share"] <= 1
     assert "error" not in sparse, sparse.get("error")
     assert 0 < sparse["sparsity"] < 1 and sparse["rel_err_vs_dense"] < 0.5 and sparse["step_ms"] > 0
+    assert all(0 < r["host_ms"] for r in (dense, sparse))   # on the CPU the host does all the work
 
 
 @pytest.mark.parametrize("argv,name", [(["--models", "sd3"], "--models"), (["--modes", "max"], "--modes"),
