@@ -139,7 +139,9 @@ def step_ms(fn, device, reps: int) -> float:
 
 def host_ms(fn, device, reps: int) -> float:
     """Median ms until ``fn()`` returns, the GPU idle before each call: the host's cost of a step
-    (launches, Python, guards). Near the step time: the step is host-bound (CUDA graphs help)."""
+    (launches, Python, guards). Near the step time: the step is host-bound (CUDA graphs help),
+    unless it launches more kernels than CUDA's launch queue holds (~1000: the call then waits
+    for the GPU; Wan's step has ~1030)."""
     times = []
     for _ in range(max(1, reps)):
         C.sync(device)
