@@ -67,6 +67,29 @@ def test_forward_matches_float64_reference(pb):
     assert (out[:, :, : pb["bq"]] == 0).all()    # exact zero, not a cancelled total
 
 
+@settings(max_examples=25)
+@given(problems())
+def test_recompute_forward_matches_float64_reference(pb):
+    """kernels/linear_recompute.py (opt-in: no per-block states; non-causal, head dims <= 128):
+    the same O_lin, and it really ran (its kernel counted)."""
+    from sparge_compile.kernels import linear_recompute as lr
+
+    pb = dict(pb, causal=False)
+    q, k, v, keep, num, idx = _inputs(pb)
+    calls = []
+    real = lr.linear_fwd_recompute
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lr, "RECOMPUTE", True)
+        mp.setattr(lr, "CHUNK", 2)   # several chunks of key blocks even at these sizes
+        mp.setattr(lr, "linear_fwd_recompute", lambda *a: calls.append(1) or real(*a))
+        out = linear_fwd_triton(q, k, v, num, idx, pb["bq"], pb["bk"], False, pb["kind"], 1e-5)
+    assert calls == [1]
+    ref, _ = _reference(q, k, v, keep, pb)
+    assert out.dtype == q.dtype and out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[pb["dtype"]]
+    assert (out[:, :, : pb["bq"]] == 0).all()    # exact zero where the block drops nothing
+
+
 @settings(max_examples=6)
 @given(problems(max_n=72))
 def test_backward_matches_float64_reference(pb):

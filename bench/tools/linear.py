@@ -117,6 +117,15 @@ def time_sparsity(q, k, v, dout, sparsity: float) -> dict:
         res["linear_states_ms"] = time_ms(lambda: block_states_triton(k, v, BLOCK_K))
         res["linear_states_scan_ms"] = time_ms(lambda: _states(k, v, BLOCK_K, False, "softmax"))
         res["sparse_linear_fwd_ms"] = time_ms(sparse_linear)
+        # kernels/linear_recompute.py (opt-in): no per-block states, kept blocks from the K/V tiles
+        from sparge_compile.kernels import linear_recompute as lr
+
+        rec = lambda: lr.linear_fwd_recompute(q, k, v, num, idx, BLOCK_Q, BLOCK_K, True, 1e-5)  # noqa: E731
+        res["linear_recompute_vs_states_rel"] = rel(rec(), linear_fwd_triton(q, k, v, num, idx, BLOCK_Q,
+                                                                             BLOCK_K))
+        res["linear_recompute_fwd_ms"] = time_ms(rec)
+        res["ratio_fwd_recompute"] = round((res["sparse_fwd_ms"] + res["linear_recompute_fwd_ms"])
+                                           / res["sparse_fwd_ms"], 3)
     res["sparse_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_op))
     res["sparse_linear_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_linear))
     res["ratio_fwd"] = round(res["sparse_linear_fwd_ms"] / res["sparse_fwd_ms"], 3)
@@ -147,6 +156,8 @@ def run(args) -> dict:
 
 COLUMNS = [("sparsity", "sparsity"), ("sparse_fwd_ms", "sparse fwd ms"), ("linear_fwd_ms", "linear fwd ms"),
            ("sparse_linear_fwd_ms", "sparse+linear fwd ms"), ("ratio_fwd", "fwd ratio"),
+           ("linear_recompute_fwd_ms", "linear fwd ms, recompute"),
+           ("ratio_fwd_recompute", "fwd ratio, recompute"),
            ("sparse_fwd_bwd_ms", "sparse fwd+bwd ms"),
            ("sparse_linear_fwd_bwd_ms", "sparse+linear fwd+bwd ms"),
            ("ratio_fwd_bwd", "fwd+bwd ratio"), ("meets_target", f"<= {TARGET}x")]

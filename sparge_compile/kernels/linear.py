@@ -322,9 +322,14 @@ def linear_fwd_triton(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, is_c
                       kind="softmax", eps=1e-5):
     """O_lin (B, Hq, Nq, Dv) in q's dtype (linear_branch.linear_attention_dropped) from the mask's
     kv_num_blocks (B, Hq, nq), kv_indices (B, Hq, nq, nk) int32."""
+    from . import linear_recompute
+
     softmax = _check_kind(kind)
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if linear_recompute.applies(is_causal, D, Dv):   # opt-in: no per-block states
+        return linear_recompute.linear_fwd_recompute(q, k, v, kv_num_blocks, kv_indices, block_q, block_k,
+                                                     softmax, eps)
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     S, Z, St, Zt = _states(k, v, block_k, is_causal, kind)
     n_dom, tot_row, _ = domain_rows(Nq, Nk, block_q, block_k, is_causal, q.device)
