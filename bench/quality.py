@@ -12,9 +12,10 @@ training-free and distilled, on a DiT trained on video-like clips (issue 19).
    the teacher (the same steps, lr and batches for every variant) and measured again: relative
    velocity error and PSNR of the final samples against the teacher's from the same noise.
    Variants: ``hybrid``, ``topk``, ``topp`` (the mask rules); ``sla`` and ``sla2`` (hybrid's mask
-   plus the linear branch over the dropped blocks: SLA's released form, SLA2's gate and router;
-   ``sc.enable_linear_branch``); ``theta`` (hybrid + SpargeAttn's self-similarity judge) and ``pv``
-   (hybrid + its in-kernel P·V filter).
+   plus the linear branch over the dropped blocks: SLA's combination, SLA2's gate and router;
+   ``sc.enable_linear_branch``), ``sla-all`` (SLA's released code: its linear branch over all
+   keys); ``theta`` (hybrid + SpargeAttn's self-similarity judge) and ``pv`` (hybrid + its
+   in-kernel P·V filter).
 3. Each variant's attention time on one layer's q/k/v of the teacher at the eval batch (CUDA only,
    ``triton.testing.do_bench``), and its ratio to the plain sparse kernel on the same config.
 
@@ -52,6 +53,7 @@ from sparge_compile.models import DiT
 VARIANTS = {
     "hybrid": ("hybrid", {}, None), "topk": ("topk", {}, None), "topp": ("topp", {}, None),
     "sla": ("hybrid", {}, dict(combine="sla")), "sla2": ("hybrid", {}, dict(combine="sla2", router=True)),
+    "sla-all": ("hybrid", {}, dict(combine="sla-all")),
     "theta": ("hybrid", {"theta": "theta"}, None), "pv": ("hybrid", {"pv_threshold": "pv_lambda"}, None),
 }
 
@@ -260,7 +262,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     samples = after.pop("samples").cpu()
     before.pop("samples")
     attn, sparse = attention_ms(cfg, branch_kw, ctx["qkv"], args)
-    peer = sla_peer_ms(ctx["qkv"], target, args) if name == "sla" else None
+    peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},

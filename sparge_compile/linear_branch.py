@@ -10,6 +10,9 @@ Combinations (:class:`LinearBranch`):
 
 * ``"sla"``  (SLA's released form, the baseline): ``O = O_sparse + proj(O_lin)``, proj a per-layer
   ``nn.Linear(D, D)`` initialised to zero (so ``O = O_sparse`` at init).
+* ``"sla-all"`` (SLA's released code exactly): the same, with O_lin the linear attention over
+  *all* keys (``φ(q) Σ φ(k)ᵀv / (φ(q)·Σ φ(k) + eps)``, every row), not only the dropped blocks;
+  non-causal only. Its cost is two (D x Dv) products per head, not a pass over the kept blocks.
 * ``"sla2"`` (SLA2's faithful form): ``O = (1 − a) O_sparse + a O_lin`` with
   ``a = gate_h · (1 − r̂_i)``, ``r̂_i`` the kept blocks' share of the pooled block scores ``P̄_i``
   and ``gate_h`` a learnable scalar per head (0 at init: ``O = O_sparse``; 1: the exact identity
@@ -39,13 +42,16 @@ from .validate import check_block_mask, check_flag, check_qkv
 log = logging.getLogger(__name__)
 
 FEATURE_MAPS = ("softmax", "elu")
-COMBINES = ("sla", "sla2")
+COMBINES = ("sla", "sla2")        # over the dropped blocks
+COMBINES_ALL = COMBINES + ("sla-all",)   # and SLA's released code (linear attention over all keys)
+_PROJ = ("sla", "sla-all")        # the combinations through proj
 METHODS = ("subtract", "direct")
 BRANCH_NAME = "sparge_linear"
 
-__all__ = ["AnchorHook", "BRANCH_NAME", "COMBINES", "FEATURE_MAPS", "LinearBranch", "block_states",
-           "combine_outputs", "dropped_states", "enable_linear_branch", "feature_map",
-           "linear_attention_dropped", "linear_domain", "route_qk", "sparse_linear_attention", "with_linear"]
+__all__ = ["AnchorHook", "BRANCH_NAME", "COMBINES", "COMBINES_ALL", "FEATURE_MAPS", "LinearBranch",
+           "block_states", "combine_outputs", "dropped_states", "enable_linear_branch", "feature_map",
+           "linear_attention_all", "linear_attention_dropped", "linear_domain", "route_qk",
+           "sparse_linear_attention", "with_linear"]
 
 
 def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
@@ -141,6 +147,17 @@ def linear_attention_dropped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.reshape(B, H, nq * bq, Dv)[:, :, : q.shape[2]].to(q.dtype)
 
 
+def linear_attention_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str = "softmax",
+                         eps: float = 1e-5) -> torch.Tensor:
+    """Linear attention of every query over all keys (SLA's released ``calc_linear``), (B, Hq, Nq, Dv)
+    in q's dtype; GQA: the key heads' sums serve their query-head group."""
+    pk = _expand_heads(feature_map(_acc(k), kind), q.shape[1])
+    kv = pk.transpose(-1, -2) @ _expand_heads(_acc(v), q.shape[1])     # (B, H, D, Dv)
+    pq = feature_map(_acc(q), kind)
+    den = (pq * pk.sum(-2, keepdim=True)).sum(-1, keepdim=True) + eps
+    return (pq @ kv / den).to(q.dtype)
+
+
 def _check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -151,7 +168,8 @@ class LinearBranch(nn.Module):
     """The learnable parts of one attention site's linear branch (see the module docstring).
 
     head_dim: D. num_heads: query heads (the sla2 gate is per head; None: one gate for all).
-    combine: "sla" (O_sparse + proj(O_lin), proj zero-init) or "sla2" (learnable ratio).
+    combine: "sla" (O_sparse + proj(O_lin), proj zero-init), "sla-all" (the same with O_lin over all
+    keys, as SLA's released code; non-causal) or "sla2" (learnable ratio).
     feature_map: "softmax" (default) or "elu". router: sla2 only, learnable W_q/W_k on q̄/k̄.
     eps: added to the linear branch's denominator.
     """
@@ -164,7 +182,7 @@ class LinearBranch(nn.Module):
         if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
                                       or num_heads <= 0):
             raise ValueError(f"num_heads must be a positive int or None, got {num_heads!r}")
-        self.combine = _check_choice("combine", combine, COMBINES)
+        self.combine = _check_choice("combine", combine, COMBINES_ALL)
         self.feature_map = _check_choice("feature_map", feature_map, FEATURE_MAPS)
         check_flag("router", router)
         if router and combine != "sla2":
@@ -172,7 +190,7 @@ class LinearBranch(nn.Module):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         self.head_dim, self.num_heads, self.eps = head_dim, num_heads, float(eps)
-        if combine == "sla":
+        if combine in _PROJ:
             self.proj = nn.Linear(head_dim, head_dim)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
@@ -190,7 +208,7 @@ class LinearBranch(nn.Module):
     def params(self) -> list[torch.Tensor]:
         """The learnable tensors in the order :func:`combine_outputs` and the backend's anchor
         take them: sla ``[proj.weight, proj.bias]``; sla2 ``[gate]`` (+ ``[router_q, router_k]``)."""
-        if self.combine == "sla":
+        if self.combine in _PROJ:
             return [self.proj.weight, self.proj.bias]
         return [self.gate] + ([self.router_q, self.router_k] if self.has_router else [])
 
@@ -216,7 +234,7 @@ def check_fits(q: torch.Tensor, params, combine: str, router: bool, num_heads: i
     """A clear error where a branch (params as :meth:`LinearBranch.params`) was made for another
     head dim or head count than the attention ``q`` ((B,) H, N, D; real or fake) it is applied to."""
     H, D = q.shape[-3], q.shape[-1]
-    sized = params[0] if combine == "sla" else (params[1] if router else None)
+    sized = params[0] if combine in _PROJ else (params[1] if router else None)
     if sized is not None and sized.shape[-1] != D:
         raise ValueError(f"{where} has head_dim={sized.shape[-1]} but the attention's "
                          f"head dim is {D} (q {tuple(q.shape)}); attach it with head_dim={D}")
@@ -237,7 +255,7 @@ def combine_outputs(out_sparse, out_lin, dropped, kept_share, combine: str, para
     """:meth:`LinearBranch.forward` on its parameters as a list (``params()``): what the eager
     function and the backend's compiled sites both call. num_heads 0: one sla2 gate for all heads."""
     on = dropped[..., None]
-    if combine == "sla":
+    if combine in _PROJ:
         w, b = params
         lin = F.linear(out_lin.to(w.dtype), w, b).to(out_sparse.dtype)
         return out_sparse + torch.where(on, lin, torch.zeros_like(lin))
@@ -305,6 +323,13 @@ def with_linear(out_s, q, k, v, kv_num_blocks, kv_indices, scale: float, is_caus
     so the backend's compiled sites compute the same function. q_lin: the q of φ(q) when ``q`` is
     pre-scaled (a symbolic scale: then scale is 1), else None (q itself)."""
     q_lin = q if q_lin is None else q_lin
+    if combine == "sla-all":   # SLA's released form: linear attention over all keys, every row
+        if is_causal:
+            raise ValueError("combine='sla-all' (linear attention over all keys) is non-causal only; "
+                             "use combine='sla' (over the dropped blocks) for causal attention")
+        out_l = linear_attention_all(q_lin, k, v, feature_map, eps)
+        dropped = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
+        return combine_outputs(out_s, out_l, dropped, None, combine, params, num_heads)
     keep = indices_to_dense(kv_num_blocks, kv_indices, cdiv(k.shape[2], block_k))
     if kernels.use_triton(q):   # the Triton kernels (kernels/linear.py) behind a custom op
         out_l = ops_linear.linear_dropped_op(q_lin, k, v, kv_num_blocks, kv_indices, block_q, block_k,

@@ -148,7 +148,7 @@ def x_input(seed=3, dtype=torch.float32):
 
 @pytest.mark.parametrize("combine,router,causal", [("sla", False, False), ("sla", False, True),
                                                    ("sla2", True, False), ("sla2", True, True),
-                                                   ("sla2", False, False)])
+                                                   ("sla2", False, False), ("sla-all", False, False)])
 def test_compiled_equals_eager_sparse_linear(combine, router, causal):
     """Output and gradients (input, every parameter: the branches' included) of the compiled model
     equal the eager model whose attention calls are sparse_linear_attention with the module's

@@ -229,3 +229,28 @@ def test_zero_init_still_learns(combine):
     out.square().sum().backward()
     for name, p in branch.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["softmax", "elu"])
+def test_sla_all_is_slas_released_form(kind):
+    """combine='sla-all': O_sparse + proj(linear attention over all keys) on every row, as SLA's
+    released code computes it (written out here token by token, GQA by head group)."""
+    q, k, v = _qkv(Hq=4, Hkv=2, Nq=40, Nk=56)
+    m = _mask(_random_keep(1, 4, 40, 56), 40, 56, False)
+    branch = lb.LinearBranch(8, combine="sla-all", feature_map=kind).double()
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.uniform_(-0.5, 0.5)
+    got = lb.sparse_linear_attention(q, k, v, branch, block_mask=m)
+    lin = torch.zeros_like(q)
+    for h in range(4):
+        pk, vh = _phi(k[0, h // 2], kind), v[0, h // 2]
+        for t in range(40):
+            pq = _phi(q[0, h, t], kind)
+            lin[0, h, t] = (pq @ pk.T @ vh) / (pq @ pk.sum(0) + 1e-5)
+    want = _sparse(q, k, v, m) + branch.proj(lin)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="non-causal only"):
+        lb.sparse_linear_attention(q, k, v, branch, config=CFG, is_causal=True)
+    with pytest.raises(ValueError, match="combine"):
+        lb.LinearBranch(8, combine="sla_all")
