@@ -87,13 +87,14 @@ def _uniform_mask(q, k, sparsity: float):
 
 def time_sparsity(q, k, v, dout, sparsity: float) -> dict:
     """The timings of one sparsity (see the module docstring)."""
+    from sparge_compile import SpargeBlockMask, ops, ops_linear
     from sparge_compile import linear_branch as lb
-    from sparge_compile import ops, ops_linear
     from sparge_compile.kernels.forward import attention_fwd_triton
     from sparge_compile.kernels.linear import _states, block_states_triton, linear_fwd_triton
 
     num, idx = _uniform_mask(q.detach(), k.detach(), sparsity)
     nk = idx.shape[-1]
+    mask = SpargeBlockMask(num, idx, N, N, BLOCK_Q, BLOCK_K, False)
     branch = lb.LinearBranch(D, H, combine="sla").cuda()
     scale = D ** -0.5
 
@@ -126,6 +127,10 @@ def time_sparsity(q, k, v, dout, sparsity: float) -> dict:
         res["linear_recompute_fwd_ms"] = time_ms(rec)
         res["ratio_fwd_recompute"] = round((res["sparse_fwd_ms"] + res["linear_recompute_fwd_ms"])
                                            / res["sparse_fwd_ms"], 3)
+        # SLA's released form (combine="sla-all": linear attention over all keys) on the same mask
+        full = lb.LinearBranch(D, H, combine="sla-all").cuda()
+        res["sla_all_fwd_ms"] = time_ms(lambda: lb.sparse_linear_attention(q, k, v, full, block_mask=mask))
+        res["ratio_fwd_sla_all"] = round(res["sla_all_fwd_ms"] / res["sparse_fwd_ms"], 3)
     res["sparse_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_op))
     res["sparse_linear_fwd_bwd_ms"] = time_ms(fwd_bwd(sparse_linear))
     res["ratio_fwd"] = round(res["sparse_linear_fwd_ms"] / res["sparse_fwd_ms"], 3)
@@ -158,6 +163,7 @@ COLUMNS = [("sparsity", "sparsity"), ("sparse_fwd_ms", "sparse fwd ms"), ("linea
            ("sparse_linear_fwd_ms", "sparse+linear fwd ms"), ("ratio_fwd", "fwd ratio"),
            ("linear_recompute_fwd_ms", "linear fwd ms, recompute"),
            ("ratio_fwd_recompute", "fwd ratio, recompute"),
+           ("ratio_fwd_sla_all", "fwd ratio, sla-all"),
            ("sparse_fwd_bwd_ms", "sparse fwd+bwd ms"),
            ("sparse_linear_fwd_bwd_ms", "sparse+linear fwd+bwd ms"),
            ("ratio_fwd_bwd", "fwd+bwd ratio"), ("meets_target", f"<= {TARGET}x")]
