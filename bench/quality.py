@@ -46,6 +46,7 @@ from bench import distill as D
 from bench import output as O
 from bench.cli import module_entry
 from bench.data import SHAPE_CLASSES, shape_clips
+from bench.kernels import parse_sparsities
 from sparge_compile.distillation import make_student
 from sparge_compile.models import DiT
 
@@ -101,6 +102,13 @@ def _sizes(args) -> None:
     bad = sorted(set(_names(args.variants)) - set(VARIANTS))
     if bad:
         raise SystemExit(f"bench quality: --variants {bad} unknown; choose from {', '.join(VARIANTS)}")
+    try:   # 95 or 0.95, as bench kernels takes them
+        args.targets = parse_sparsities(args.sparsities, False)
+    except ValueError:
+        args.targets = None
+    if not args.targets or not all(0 < t < 1 for t in args.targets):
+        raise SystemExit(f"bench quality: --sparsities must be block sparsities in (0, 1) or (0, 100) %, "
+                         f"got {args.sparsities!r}")
 
 
 def _names(csv: str) -> list[str]:
@@ -336,7 +344,7 @@ def run(args) -> dict:
         ctx = context(args, device, amp)
         print(f"teacher samples: {ctx['quality']}", flush=True)
         rows, grid = [], [ctx["data_rows"], ctx["ref"]["samples"].cpu()]
-        for target in (float(s) for s in _names(args.sparsities)):
+        for target in args.targets:
             for name in _names(args.variants):
                 row, samples = one_variant(args, name, target, ctx)
                 rows.append(row)

@@ -282,6 +282,15 @@ def test_quality(tmp_path):
     assert again["rows"][0]["vel_err_before"] == hyb["vel_err_before"]   # the same teacher, loaded
 
 
+@pytest.mark.parametrize("argv,named", [(["--sparsities", "0.95,150"], "--sparsities"),
+                                        (["--sparsities", "x"], "--sparsities"),
+                                        (["--variants", "hybrid,sla3"], "--variants"),
+                                        (["--frames", "5"], "--frames")])
+def test_quality_bad_arguments_name_the_option(argv, named, tmp_path):
+    with pytest.raises(SystemExit, match=named):
+        _bench("quality", "--quick", *argv, "--out", str(tmp_path))
+
+
 def test_shape_clips_move_one_shape():
     from bench.data import shape_clips
 
