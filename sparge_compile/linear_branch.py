@@ -327,6 +327,8 @@ def with_linear(out_s, q, k, v, kv_num_blocks, kv_indices, scale: float, is_caus
         if is_causal:
             raise ValueError("combine='sla-all' (linear attention over all keys) is non-causal only; "
                              "use combine='sla' (over the dropped blocks) for causal attention")
+        if kernels.use_triton(q):   # the Triton kernels (kernels/linear_all.py) behind a custom op
+            return ops_linear.sla_all_op(out_s, q_lin, k, v, params[0], params[1], feature_map, eps)
         out_l = linear_attention_all(q_lin, k, v, feature_map, eps)
         dropped = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
         return combine_outputs(out_s, out_l, dropped, None, combine, params, num_heads)

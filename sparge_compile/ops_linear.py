@@ -3,6 +3,8 @@
 * ``sparge::linear_dropped`` (q, k, v, kv_num_blocks, kv_indices, ...) -> O_lin   differentiable in q, k, v
 * ``sparge::linear_dropped_backward`` -> (dq, dk, dv)
 * ``sparge::linear_anchor`` (the branch's parameters, its spec) -> empty: the backend's marker
+* ``sparge::sla_all`` (out_sparse, q, k, v, proj weight, bias, ...) -> out_sparse + proj(linear
+  attention over all keys): SLA's released form (``combine="sla-all"``), differentiable in all six
 
 O_lin is :func:`sparge_compile.linear_branch.linear_attention_dropped` of the mask's kept blocks
 (the definition). Triton kernels (:mod:`.kernels.linear`) where :func:`kernels.use_triton` says so
@@ -96,4 +98,50 @@ def _(params, combine, feature_map, eps, router, num_heads):
     return params[0].new_empty(0)
 
 
-__all__ = ["linear_anchor_op", "linear_dropped_backward_op", "linear_dropped_op"]
+def _sla_all_reference(out_s, q, k, v, weight, bias, feature_map, eps):
+    from .linear_branch import combine_outputs, linear_attention_all
+
+    out_l = linear_attention_all(q, k, v, feature_map, eps)
+    on = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
+    return combine_outputs(out_s, out_l, on, None, "sla-all", (weight, bias))
+
+
+@torch.library.custom_op("sparge::sla_all", mutates_args=())
+def sla_all_op(out_s: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, bias: Tensor | None,
+               feature_map: str, eps: float) -> Tensor:
+    """out_s + proj(O_lin), O_lin = linear attention of every query over all keys: the Triton
+    kernels of :mod:`.kernels.linear_all` where :func:`kernels.use_triton` says so, else the
+    PyTorch definition. The backward is the definition's (recomputed in fp32)."""
+    if kernels.use_triton(q):
+        from .kernels.linear_all import sla_all_fwd_triton
+
+        return sla_all_fwd_triton(out_s, q, k, v, weight, bias, feature_map, eps)
+    with torch.no_grad():
+        return _sla_all_reference(out_s, q, k, v, weight, bias, feature_map, eps).contiguous()
+
+
+@sla_all_op.register_fake
+def _(out_s, q, k, v, weight, bias, feature_map, eps):
+    return out_s.new_empty(out_s.shape)
+
+
+def _sla_all_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5], inputs[5] if inputs[5] is not None else None)
+    ctx.has_bias = inputs[5] is not None
+    ctx.args = inputs[6:]
+
+
+def _sla_all_backward(ctx, dout):
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_() for x in saved[:5]]
+        bias = saved[5].detach().requires_grad_() if ctx.has_bias else None
+        out = _sla_all_reference(*xs, bias, *ctx.args)
+        grads = torch.autograd.grad(out, xs + ([bias] if ctx.has_bias else []), dout)
+    return (*grads[:5], grads[5] if ctx.has_bias else None, None, None)
+
+
+sla_all_op.register_autograd(_sla_all_backward, setup_context=_sla_all_setup)
+
+
+__all__ = ["linear_anchor_op", "linear_dropped_backward_op", "linear_dropped_op", "sla_all_op"]

@@ -1,0 +1,130 @@
+"""SLA's released form in two Triton kernels: O = O_sparse + proj(O_lin), O_lin the linear
+attention of every query over all keys (``combine="sla-all"``, non-causal).
+
+proj is linear, so proj(φ(Q)S / (φ(Q)·z + eps)) = φ(Q)(S Wᵀ) / (φ(Q)·z + eps) + b with
+S = φ(K)ᵀV and z = φ(K)ᵀ1 over all keys: one D x Dv state per (batch, key head), folded with W.
+
+1. ``_total_states_kernel``: φ(K) tile by tile (in-kernel, rounded to v's dtype for the product,
+   as :mod:`.linear` does), partial S and z per chunk of key tiles; the chunks' sums in torch
+   (a few MB). K and V are read once.
+2. ``_sla_all_out_kernel``: per query tile, φ(Q), one (BLOCK_M x D) x (D x Dv) product with
+   S Wᵀ, the denominator, + b + O_sparse, stored once in O_sparse's dtype. Q and O_sparse are
+   read once: no O_lin, no proj output in memory.
+
+The definition is :func:`sparge_compile.linear_branch.linear_attention_all` followed by
+:func:`~sparge_compile.linear_branch.combine_outputs` (tests/test_linear_all.py compares them in
+float64 terms; bench/tools/linear.py times it beside the sparse kernel). The backward is
+PyTorch's through that definition (``sparge::sla_all`` in ops_linear.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import cdiv
+from . import tuning
+from .forward import dot_precision
+from .linear import _check_kind, _phi
+
+BLOCK_N = 64      # key rows per tile of the states kernel
+BLOCK_M = 128     # query rows per program of the output kernel
+PROGRAMS = 512    # about this many programs of the states kernel (partial sums per chunk)
+
+
+@triton.jit
+def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Nk, nc, chunk, D, Dv,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """SP[bh, c] = Σ over the key tiles of chunk c of φ(K_t)ᵀV_t, ZP[bh, c] = Σ of φ(K_t)'s rows."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, hk = bh // Hkv, bh % Hkv
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_v = tl.arange(0, BLOCK_DV)
+    v_ok = offs_v < Dv
+    acc = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    z = tl.zeros([BLOCK_D], tl.float32)
+    for t in range(0, chunk):
+        offs_n = (c * chunk + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Nk
+        x = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_v[None, :] * svd,
+                    mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        pk = tl.where(n_ok[:, None], _phi(x, d_ok, SOFTMAX), 0.0).to(v.dtype)   # rows past Nk: 0
+        acc += tl.dot(tl.trans(pk), v, input_precision=PREC)
+        z += tl.sum(pk.to(tl.float32), 0)
+    base = bh * nc + c
+    tl.store(ZP + base * BLOCK_D + offs_d, z)
+    tl.store(SP + (base * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :], acc)
+
+
+@triton.jit
+def _sla_all_out_kernel(Q, OS, S2, Z, Bias, Out, eps, sqb, sqh, sqn, sqd, sob, soh, son, sod,
+                        srb, srh, srn, srd, Hq, G, Nq, D, Dv,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """Out = OS + φ(Q)·S2 / (φ(Q)·z + eps) + Bias for one query tile of one (batch, query head)."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hkv = b * (Hq // G) + h // G
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = tl.arange(0, BLOCK_DV)
+    m_ok, d_ok, v_ok = offs_m < Nq, offs_d < D, offs_v < Dv
+    x = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    p = _phi(x.to(tl.float32), d_ok, SOFTMAX)
+    z = tl.load(Z + hkv * BLOCK_D + offs_d)
+    s2 = tl.load(S2 + (hkv * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :])
+    w = tl.sum(p * z[None, :], 1) + eps
+    lin = tl.dot(p.to(x.dtype), s2.to(x.dtype), input_precision=PREC) / w[:, None]
+    lin += tl.load(Bias + offs_v, mask=v_ok, other=0.0)[None, :]
+    io = m_ok[:, None] & v_ok[None, :]
+    o = tl.load(OS + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :] * sod, mask=io, other=0.0)
+    tl.store(Out + b * srb + h * srh + offs_m[:, None] * srn + offs_v[None, :] * srd,
+             (o.to(tl.float32) + lin).to(Out.dtype.element_ty), mask=io)
+
+
+def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax"):
+    """(S, z): S (B*Hkv, BLOCK_D, BLOCK_DV) = φ(K)ᵀV and z (B*Hkv, BLOCK_D) = φ(K)ᵀ1 over all keys,
+    fp32, zero past D / Dv (the head-dim tiles)."""
+    softmax = _check_kind(kind)
+    B, Hkv, Nk, D = k.shape
+    Dv = v.shape[-1]
+    BLOCK_D, BLOCK_DV = tuning.head_dim_tile(D), tuning.head_dim_tile(Dv)
+    tiles = cdiv(Nk, BLOCK_N)
+    chunk = max(1, cdiv(tiles * B * Hkv, PROGRAMS))
+    nc = cdiv(tiles, chunk)
+    SP = torch.empty((B * Hkv, nc, BLOCK_D, BLOCK_DV), dtype=torch.float32, device=k.device)
+    ZP = torch.empty((B * Hkv, nc, BLOCK_D), dtype=torch.float32, device=k.device)
+    _total_states_kernel[(nc, B * Hkv)](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
+                                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
+                                        PREC=dot_precision(k.dtype), num_warps=8)
+    return SP.sum(1), ZP.sum(1)
+
+
+def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
+    """O_sparse + proj(linear attention over all keys), (B, Hq, Nq, Dv) in out_s's dtype.
+    weight (Dv, Dv), bias (Dv,) or None: proj's. q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv)."""
+    softmax = _check_kind(kind)
+    B, Hq, Nq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    S, z = total_states(k, v, kind)
+    BLOCK_D, BLOCK_DV = S.shape[-2:]
+    w = torch.zeros((BLOCK_DV, BLOCK_DV), dtype=torch.float32, device=q.device)
+    w[:Dv, :Dv] = weight.float()
+    S2 = (S @ w.t()).contiguous()                 # (B*Hkv, BLOCK_D, BLOCK_DV): S Wᵀ
+    b = bias.float().contiguous() if bias is not None else torch.zeros(Dv, device=q.device)
+    out = torch.empty(q.shape[:-1] + (Dv,), dtype=out_s.dtype, device=q.device)
+    _sla_all_out_kernel[(cdiv(Nq, BLOCK_M), B * Hq)](
+        q, out_s, S2, z.contiguous(), b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
+        Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
+        PREC=dot_precision(q.dtype), num_warps=8)
+    return out
+
+
+__all__ = ["sla_all_fwd_triton", "total_states"]
