@@ -31,19 +31,9 @@ import triton.language as tl
 from ..reference import cdiv
 from . import tuning
 from .forward import dot_precision
+from .phi import _phi
 
 KINDS = ("softmax", "elu")
-
-
-@triton.jit
-def _phi(x, col_ok, SOFTMAX: tl.constexpr):
-    """φ of fp32 rows x (R, BLOCK_D); columns past D (col_ok false) give 0."""
-    if SOFTMAX:
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        e = tl.math.exp(x - tl.max(x, 1)[:, None])
-        return e / tl.sum(e, 1)[:, None]
-    y = tl.where(x > 0, x + 1.0, tl.math.exp(x))
-    return tl.where(col_ok[None, :], y, 0.0)
 
 
 @triton.jit

@@ -25,7 +25,8 @@ import triton.language as tl
 from ..reference import cdiv
 from . import tuning
 from .forward import dot_precision
-from .linear import _check_kind, _phi
+from .linear import _check_kind
+from .phi import _phi, linear_all_term
 
 BLOCK_N = 64      # key rows per tile of the states kernel
 BLOCK_M = 128     # query rows per program of the output kernel
@@ -77,12 +78,8 @@ def _sla_all_out_kernel(Q, OS, S2, Z, Bias, Out, eps, sqb, sqh, sqn, sqd, sob, s
     m_ok, d_ok, v_ok = offs_m < Nq, offs_d < D, offs_v < Dv
     x = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    p = _phi(x.to(tl.float32), d_ok, SOFTMAX)
-    z = tl.load(Z + hkv * BLOCK_D + offs_d)
-    s2 = tl.load(S2 + (hkv * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :])
-    w = tl.sum(p * z[None, :], 1) + eps
-    lin = tl.dot(p.to(x.dtype), s2.to(x.dtype), input_precision=PREC) / w[:, None]
-    lin += tl.load(Bias + offs_v, mask=v_ok, other=0.0)[None, :]
+    lin = linear_all_term(x, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOCK_D, BLOCK_DV, SOFTMAX,
+                          PREC)
     io = m_ok[:, None] & v_ok[None, :]
     o = tl.load(OS + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :] * sod, mask=io, other=0.0)
     tl.store(Out + b * srb + h * srh + offs_m[:, None] * srn + offs_v[None, :] * srd,
@@ -107,24 +104,51 @@ def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax"):
     return SP.sum(1), ZP.sum(1)
 
 
+def folded_states(k, v, weight, bias, kind: str = "softmax"):
+    """(S2, z, b): S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV), z (B*Hkv, BLOCK_D) and proj's bias (Dv,), fp32,
+    zero in the padded tiles: all the all-keys term needs beside φ(q)."""
+    S, z = total_states(k, v, kind)
+    Dv = v.shape[-1]
+    BLOCK_DV = S.shape[-1]
+    w = torch.zeros((BLOCK_DV, BLOCK_DV), dtype=torch.float32, device=k.device)
+    w[:Dv, :Dv] = weight.float()
+    b = bias.float().contiguous() if bias is not None else torch.zeros(Dv, device=k.device)
+    return (S @ w.t()).contiguous(), z.contiguous(), b
+
+
 def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
     """O_sparse + proj(linear attention over all keys), (B, Hq, Nq, Dv) in out_s's dtype.
     weight (Dv, Dv), bias (Dv,) or None: proj's. q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv)."""
     softmax = _check_kind(kind)
     B, Hq, Nq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
-    S, z = total_states(k, v, kind)
-    BLOCK_D, BLOCK_DV = S.shape[-2:]
-    w = torch.zeros((BLOCK_DV, BLOCK_DV), dtype=torch.float32, device=q.device)
-    w[:Dv, :Dv] = weight.float()
-    S2 = (S @ w.t()).contiguous()                 # (B*Hkv, BLOCK_D, BLOCK_DV): S Wᵀ
-    b = bias.float().contiguous() if bias is not None else torch.zeros(Dv, device=q.device)
+    S2, z, b = folded_states(k, v, weight, bias, kind)
+    BLOCK_D, BLOCK_DV = S2.shape[-2:]
     out = torch.empty(q.shape[:-1] + (Dv,), dtype=out_s.dtype, device=q.device)
     _sla_all_out_kernel[(cdiv(Nq, BLOCK_M), B * Hq)](
-        q, out_s, S2, z.contiguous(), b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
+        q, out_s, S2, z, b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
         PREC=dot_precision(q.dtype), num_warps=8)
     return out
 
 
-__all__ = ["sla_all_fwd_triton", "total_states"]
+def sparse_sla_all_fwd(q, k, v, kv_num_blocks, kv_indices, scale, block_q, block_k, weight, bias,
+                       kind: str = "softmax", eps: float = 1e-5):
+    """The whole of SLA's released form in one pass over the queries (inference: no lse, no
+    separate O_sparse): sparse attention of the mask (non-causal) with proj(O_lin) added in the
+    forward kernel's epilogue, O_lin over all keys from :func:`folded_states`. Where the sparse
+    forward runs in PyTorch (:func:`.forward.triton_tiles` None) or v's head dim differs from q's:
+    the sparse op then :func:`sla_all_fwd_triton`. (B, Hq, Nq, Dv) in q's dtype."""
+    from .forward import attention_fwd_triton, triton_tiles
+
+    _check_kind(kind)
+    if triton_tiles(q, block_q, block_k) is None or v.shape[-1] != q.shape[-1]:
+        out_s, _ = attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, False, block_q, block_k)
+        return sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind, eps)
+    S2, z, b = folded_states(k, v, weight, bias, kind)
+    out, _ = attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, False, block_q, block_k,
+                                  linear_all=(S2, z, b, eps, kind))
+    return out
+
+
+__all__ = ["folded_states", "sla_all_fwd_triton", "sparse_sla_all_fwd", "total_states"]
