@@ -64,13 +64,15 @@ def test_forward_and_gradients_match_float64(pb):
         assert rel_err(g, r, floor=1e-2) < gtol, name
 
 
-def test_totals_are_the_sum_over_all_keys():
+@pytest.mark.parametrize("kind", lb.FEATURE_MAPS)
+@pytest.mark.parametrize("kt", [False, True])
+def test_totals_are_the_sum_over_all_keys(kind, kt):
     """total_states: φ(K)ᵀV and φ(K)ᵀ1 over every key (several chunks, a partial last tile), zero
-    in the padded head-dim tile."""
+    in the padded head-dim tile; K loaded as rows or transposed."""
     k = torch.randn(2, 3, 1000, 40, dtype=torch.float32)
     v = torch.randn(2, 3, 1000, 24, dtype=torch.float32)
-    S, z = linear_all.total_states(k, v, "softmax")
-    pk = lb.feature_map(k.double(), "softmax")
+    S, z = linear_all.total_states(k, v, kind, kt=kt)
+    pk = lb.feature_map(k.double(), kind)
     S_ref = (pk.transpose(-1, -2) @ v.double()).reshape(6, 40, 24)
     assert S.shape == (6, 64, 32) and z.shape == (6, 64)
     torch.testing.assert_close(S[:, :40, :24].double(), S_ref, rtol=1e-5, atol=1e-4)

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..reference import cdiv
 from . import tuning
 from .layout import attention_out
-from .phi import linear_all_term
+from .phi import add_linear_all
 
 LOG2E = 1.4426950408889634  # log2(e): scores are exponentiated with exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
@@ -147,7 +147,7 @@ def tile_start(lut, t, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
 
 
 # LIN (0: off; 1 / 2: φ softmax / elu) adds SLA's all-keys linear term in the epilogue
-# (.phi.linear_all_term of the folded states LinS, LinZ, LinB: kernels/linear_all.py)
+# (.phi.add_linear_all of the folded states LinS, LinZ, LinB: kernels/linear_all.py)
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, LinS, LinZ, LinB, qk_scale, pv_lam, lin_eps,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -202,8 +202,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, LinS, LinZ, LinB, qk_scal
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     if LIN:
-        out += linear_all_term(q, LinS, LinZ, LinB, tl.cast(lin_eps, tl.float32), b * (Hq // G) + hk, offs_d,
-                               d_ok, offs_d, d_ok, BLOCK_D, BLOCK_D, LIN == 1, PREC)
+        out = add_linear_all(out, q, LinS, LinZ, LinB, tl.cast(lin_eps, tl.float32), b * (Hq // G) + hk,
+                             offs_d, d_ok, offs_d, d_ok, BLOCK_D, BLOCK_D, LIN == 1, PREC)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
     m_ok = offs_m < Nq
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,

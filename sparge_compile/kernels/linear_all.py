@@ -26,17 +26,19 @@ from ..reference import cdiv
 from . import tuning
 from .forward import dot_precision
 from .linear import _check_kind
-from .phi import _phi, linear_all_term
+from .phi import _phi, _phi_cols, add_linear_all
 
-BLOCK_N = 64      # key rows per tile of the states kernel
 BLOCK_M = 128     # query rows per program of the output kernel
-PROGRAMS = 512    # about this many programs of the states kernel (partial sums per chunk)
+OUT_WARPS = 8     # its warps
+# the states kernel's launch: key rows per tile, about how many programs (partial sums per chunk),
+# warps, pipeline stages, K loaded transposed (φ(K)ᵀ built in the A operand's layout: no transpose)
+STATES_LAUNCH = dict(block_n=64, programs=512, num_warps=8, num_stages=3, kt=False)
 
 
 @triton.jit
 def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Nk, nc, chunk, D, Dv,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+                         SOFTMAX: tl.constexpr, PREC: tl.constexpr, KT: tl.constexpr):
     """SP[bh, c] = Σ over the key tiles of chunk c of φ(K_t)ᵀV_t, ZP[bh, c] = Σ of φ(K_t)'s rows."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -50,13 +52,18 @@ def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, H
     for t in range(0, chunk):
         offs_n = (c * chunk + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Nk
-        x = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_v[None, :] * svd,
                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        pk = tl.where(n_ok[:, None], _phi(x, d_ok, SOFTMAX), 0.0).to(v.dtype)   # rows past Nk: 0
-        acc += tl.dot(tl.trans(pk), v, input_precision=PREC)
-        z += tl.sum(pk.to(tl.float32), 0)
+        if KT:   # φ(K_t)ᵀ (BLOCK_D, BLOCK_N) straight from a transposed load
+            xt = tl.load(K + b * skb + hk * skh + offs_d[:, None] * skd + offs_n[None, :] * skn,
+                         mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            pkt = tl.where(n_ok[None, :], _phi_cols(xt, d_ok, SOFTMAX), 0.0).to(v.dtype)   # keys past Nk: 0
+        else:
+            x = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            pkt = tl.trans(tl.where(n_ok[:, None], _phi(x, d_ok, SOFTMAX), 0.0).to(v.dtype))
+        acc += tl.dot(pkt, v, input_precision=PREC)
+        z += tl.sum(pkt.to(tl.float32), 1)
     base = bh * nc + c
     tl.store(ZP + base * BLOCK_D + offs_d, z)
     tl.store(SP + (base * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :], acc)
@@ -78,42 +85,46 @@ def _sla_all_out_kernel(Q, OS, S2, Z, Bias, Out, eps, sqb, sqh, sqn, sqd, sob, s
     m_ok, d_ok, v_ok = offs_m < Nq, offs_d < D, offs_v < Dv
     x = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lin = linear_all_term(x, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOCK_D, BLOCK_DV, SOFTMAX,
-                          PREC)
     io = m_ok[:, None] & v_ok[None, :]
     o = tl.load(OS + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :] * sod, mask=io, other=0.0)
+    o = add_linear_all(o.to(tl.float32), x, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOCK_D,
+                       BLOCK_DV, SOFTMAX, PREC)
     tl.store(Out + b * srb + h * srh + offs_m[:, None] * srn + offs_v[None, :] * srd,
-             (o.to(tl.float32) + lin).to(Out.dtype.element_ty), mask=io)
+             o.to(Out.dtype.element_ty), mask=io)
 
 
-def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax"):
+def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax", **launch):
     """(S, z): S (B*Hkv, BLOCK_D, BLOCK_DV) = φ(K)ᵀV and z (B*Hkv, BLOCK_D) = φ(K)ᵀ1 over all keys,
-    fp32, zero past D / Dv (the head-dim tiles)."""
+    fp32, zero past D / Dv (the head-dim tiles). launch: overrides of :data:`STATES_LAUNCH`."""
     softmax = _check_kind(kind)
+    cfg = {**STATES_LAUNCH, **launch}
     B, Hkv, Nk, D = k.shape
     Dv = v.shape[-1]
     BLOCK_D, BLOCK_DV = tuning.head_dim_tile(D), tuning.head_dim_tile(Dv)
-    tiles = cdiv(Nk, BLOCK_N)
-    chunk = max(1, cdiv(tiles * B * Hkv, PROGRAMS))
+    tiles = cdiv(Nk, cfg["block_n"])
+    chunk = max(1, cdiv(tiles * B * Hkv, cfg["programs"]))
     nc = cdiv(tiles, chunk)
     SP = torch.empty((B * Hkv, nc, BLOCK_D, BLOCK_DV), dtype=torch.float32, device=k.device)
     ZP = torch.empty((B * Hkv, nc, BLOCK_D), dtype=torch.float32, device=k.device)
     _total_states_kernel[(nc, B * Hkv)](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
-                                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
-                                        PREC=dot_precision(k.dtype), num_warps=8)
+                                        BLOCK_N=cfg["block_n"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                        SOFTMAX=softmax, PREC=dot_precision(k.dtype), KT=cfg["kt"],
+                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return SP.sum(1), ZP.sum(1)
 
 
-def folded_states(k, v, weight, bias, kind: str = "softmax"):
-    """(S2, z, b): S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV), z (B*Hkv, BLOCK_D) and proj's bias (Dv,), fp32,
-    zero in the padded tiles: all the all-keys term needs beside φ(q)."""
-    S, z = total_states(k, v, kind)
+def folded_states(k, v, weight, bias, kind: str = "softmax", **launch):
+    """(S2, z, b): S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV) in k's dtype (fp32 for fp32), z (B*Hkv, BLOCK_D)
+    and proj's bias (Dv,) fp32, zero in the padded tiles: all the all-keys term needs beside φ(q).
+    launch: see :func:`total_states`."""
+    S, z = total_states(k, v, kind, **launch)
     Dv = v.shape[-1]
     BLOCK_DV = S.shape[-1]
     w = torch.zeros((BLOCK_DV, BLOCK_DV), dtype=torch.float32, device=k.device)
     w[:Dv, :Dv] = weight.float()
     b = bias.float().contiguous() if bias is not None else torch.zeros(Dv, device=k.device)
-    return (S @ w.t()).contiguous(), z.contiguous(), b
+    dtype = k.dtype if k.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return (S @ w.t()).to(dtype).contiguous(), z.contiguous(), b
 
 
 def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
@@ -128,7 +139,7 @@ def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps:
     _sla_all_out_kernel[(cdiv(Nq, BLOCK_M), B * Hq)](
         q, out_s, S2, z, b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
         Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
-        PREC=dot_precision(q.dtype), num_warps=8)
+        PREC=dot_precision(q.dtype), num_warps=OUT_WARPS)
     return out
 
 

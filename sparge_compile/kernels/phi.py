@@ -23,17 +23,30 @@ def _phi(x, col_ok, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
-def linear_all_term(q, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
-    """proj(O_lin) of the query rows q (R, BLOCK_D), O_lin their linear attention over all keys:
-    φ(q)(S Wᵀ) / (φ(q)·z + eps) + b, with S2 = S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV) and z
-    (B*Hkv, BLOCK_D) fp32 for key head hkv (see kernels/linear_all.py); (R, BLOCK_DV) fp32."""
+def _phi_cols(x, row_ok, SOFTMAX: tl.constexpr):
+    """φ of fp32 columns x (BLOCK_D, C) (a transposed tile); rows past D (row_ok false) give 0."""
+    if SOFTMAX:
+        x = tl.where(row_ok[:, None], x, float("-inf"))
+        e = tl.math.exp(x - tl.max(x, 0)[None, :])
+        return e / tl.sum(e, 0)[None, :]
+    y = tl.where(x > 0, x + 1.0, tl.math.exp(x))
+    return tl.where(row_ok[:, None], y, 0.0)
+
+
+@triton.jit
+def add_linear_all(o, q, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+    """o (R, BLOCK_DV) fp32 + proj(O_lin) of the query rows q (R, BLOCK_D), O_lin their linear
+    attention over all keys: o + (φ(q) / (φ(q)·z + eps)) (S Wᵀ) + b, with S2 = S Wᵀ (B*Hkv,
+    BLOCK_D, BLOCK_DV) in q's dtype and z (B*Hkv, BLOCK_D) fp32 for key head hkv (see
+    kernels/linear_all.py). The product accumulates into o (no second accumulator: the forward's
+    epilogue has its output tile live)."""
     p = _phi(q.to(tl.float32), d_ok, SOFTMAX)
     z = tl.load(Z + hkv * BLOCK_D + offs_d)
-    s2 = tl.load(S2 + (hkv * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :])
     w = tl.sum(p * z[None, :], 1) + eps
-    lin = tl.dot(p.to(q.dtype), s2.to(q.dtype), input_precision=PREC) / w[:, None]
-    return lin + tl.load(Bias + offs_v, mask=v_ok, other=0.0)[None, :]
+    s2 = tl.load(S2 + (hkv * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :])
+    o = tl.dot((p / w[:, None]).to(q.dtype), s2.to(q.dtype), o, input_precision=PREC)
+    return o + tl.load(Bias + offs_v, mask=v_ok, other=0.0)[None, :]
 
 
-__all__ = ["linear_all_term"]
+__all__ = ["add_linear_all"]
