@@ -65,13 +65,14 @@ def test_forward_and_gradients_match_float64(pb):
 
 
 @pytest.mark.parametrize("kind", lb.FEATURE_MAPS)
-@pytest.mark.parametrize("kt", [False, True])
-def test_totals_are_the_sum_over_all_keys(kind, kt):
+@pytest.mark.parametrize("kt,dv_tile", [(False, None), (True, None), (False, 16)])
+def test_totals_are_the_sum_over_all_keys(kind, kt, dv_tile):
     """total_states: φ(K)ᵀV and φ(K)ᵀ1 over every key (several chunks, a partial last tile), zero
-    in the padded head-dim tile; K loaded as rows or transposed."""
+    in the padded head-dim tile; K loaded as rows or transposed; S's columns in one program or
+    split over programs."""
     k = torch.randn(2, 3, 1000, 40, dtype=torch.float32)
     v = torch.randn(2, 3, 1000, 24, dtype=torch.float32)
-    S, z = linear_all.total_states(k, v, kind, kt=kt)
+    S, z = linear_all.total_states(k, v, kind, kt=kt, dv_tile=dv_tile)
     pk = lb.feature_map(k.double(), kind)
     S_ref = (pk.transpose(-1, -2) @ v.double()).reshape(6, 40, 24)
     assert S.shape == (6, 64, 32) and z.shape == (6, 64)

@@ -7,7 +7,7 @@ S = φ(K)ᵀV and z = φ(K)ᵀ1 over all keys: one D x Dv state per (batch, key 
 1. ``_total_states_kernel``: φ(K) tile by tile (in-kernel, rounded to v's dtype for the product,
    as :mod:`.linear` does), partial S and z per chunk of key tiles; the chunks' sums in torch
    (a few MB). K and V are read once.
-2. ``_sla_all_out_kernel``: per query tile, φ(Q), one (BLOCK_M x D) x (D x Dv) product with
+2. ``_sla_all_out_kernel``: per query tile (OUT_LAUNCH's block_m rows), φ(Q), one product with
    S Wᵀ, the denominator, + b + O_sparse, stored once in O_sparse's dtype. Q and O_sparse are
    read once: no O_lin, no proj output in memory.
 
@@ -28,26 +28,26 @@ from .forward import dot_precision
 from .linear import _check_kind
 from .phi import _phi, _phi_cols, add_linear_all
 
-BLOCK_M = 128     # query rows per program of the output kernel
-OUT_WARPS = 8     # its warps
+OUT_LAUNCH = dict(block_m=128, num_warps=8)   # the term kernel's query rows per program, warps
 # the states kernel's launch: key rows per tile, about how many programs (partial sums per chunk),
 # warps, pipeline stages, K loaded transposed (φ(K)ᵀ built in the A operand's layout: no transpose)
-STATES_LAUNCH = dict(block_n=64, programs=512, num_warps=8, num_stages=3, kt=False)
+# and columns of S per program (dv_tile; None: all)
+STATES_LAUNCH = dict(block_n=64, programs=512, num_warps=8, num_stages=3, kt=False, dv_tile=None)
 
 
 @triton.jit
 def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Nk, nc, chunk, D, Dv,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SOFTMAX: tl.constexpr, PREC: tl.constexpr, KT: tl.constexpr):
+                         SOFTMAX: tl.constexpr, PREC: tl.constexpr, KT: tl.constexpr, DV_TILE: tl.constexpr):
     """SP[bh, c] = Σ over the key tiles of chunk c of φ(K_t)ᵀV_t, ZP[bh, c] = Σ of φ(K_t)'s rows."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, hk = bh // Hkv, bh % Hkv
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    offs_v = tl.arange(0, BLOCK_DV)
+    offs_v = tl.program_id(2) * DV_TILE + tl.arange(0, DV_TILE)   # this program's columns of S
     v_ok = offs_v < Dv
-    acc = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
+    acc = tl.zeros([BLOCK_D, DV_TILE], tl.float32)
     z = tl.zeros([BLOCK_D], tl.float32)
     for t in range(0, chunk):
         offs_n = (c * chunk + t) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +65,8 @@ def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, H
         acc += tl.dot(pkt, v, input_precision=PREC)
         z += tl.sum(pkt.to(tl.float32), 1)
     base = bh * nc + c
-    tl.store(ZP + base * BLOCK_D + offs_d, z)
+    z_cols = (tl.program_id(2) == 0).to(tl.int32) * BLOCK_D   # z: by the first column tile alone
+    tl.store(ZP + base * BLOCK_D + offs_d, z, mask=offs_d < z_cols)
     tl.store(SP + (base * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :], acc)
 
 
@@ -106,10 +107,12 @@ def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax", **laun
     nc = cdiv(tiles, chunk)
     SP = torch.empty((B * Hkv, nc, BLOCK_D, BLOCK_DV), dtype=torch.float32, device=k.device)
     ZP = torch.empty((B * Hkv, nc, BLOCK_D), dtype=torch.float32, device=k.device)
-    _total_states_kernel[(nc, B * Hkv)](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
-                                        BLOCK_N=cfg["block_n"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                                        SOFTMAX=softmax, PREC=dot_precision(k.dtype), KT=cfg["kt"],
-                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dv_tile = min(cfg["dv_tile"] or BLOCK_DV, BLOCK_DV)
+    grid = (nc, B * Hkv, BLOCK_DV // dv_tile)
+    _total_states_kernel[grid](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
+                               BLOCK_N=cfg["block_n"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
+                               PREC=dot_precision(k.dtype), KT=cfg["kt"], DV_TILE=dv_tile,
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return SP.sum(1), ZP.sum(1)
 
 
@@ -136,10 +139,10 @@ def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps:
     S2, z, b = folded_states(k, v, weight, bias, kind)
     BLOCK_D, BLOCK_DV = S2.shape[-2:]
     out = torch.empty(q.shape[:-1] + (Dv,), dtype=out_s.dtype, device=q.device)
-    _sla_all_out_kernel[(cdiv(Nq, BLOCK_M), B * Hq)](
+    _sla_all_out_kernel[(cdiv(Nq, OUT_LAUNCH["block_m"]), B * Hq)](
         q, out_s, S2, z, b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
-        Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
-        PREC=dot_precision(q.dtype), num_warps=OUT_WARPS)
+        Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=OUT_LAUNCH["block_m"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        SOFTMAX=softmax, PREC=dot_precision(q.dtype), num_warps=OUT_LAUNCH["num_warps"])
     return out
 
 

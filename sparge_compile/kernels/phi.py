@@ -17,7 +17,7 @@ def _phi(x, col_ok, SOFTMAX: tl.constexpr):
     if SOFTMAX:
         x = tl.where(col_ok[None, :], x, float("-inf"))
         e = tl.math.exp(x - tl.max(x, 1)[:, None])
-        return e / tl.sum(e, 1)[:, None]
+        return e * (1.0 / tl.sum(e, 1))[:, None]   # one division per row, not per entry
     y = tl.where(x > 0, x + 1.0, tl.math.exp(x))
     return tl.where(col_ok[None, :], y, 0.0)
 
@@ -28,7 +28,7 @@ def _phi_cols(x, row_ok, SOFTMAX: tl.constexpr):
     if SOFTMAX:
         x = tl.where(row_ok[:, None], x, float("-inf"))
         e = tl.math.exp(x - tl.max(x, 0)[None, :])
-        return e / tl.sum(e, 0)[None, :]
+        return e * (1.0 / tl.sum(e, 0))[None, :]
     y = tl.where(x > 0, x + 1.0, tl.math.exp(x))
     return tl.where(row_ok[:, None], y, 0.0)
 
@@ -43,9 +43,9 @@ def add_linear_all(o, q, S2, Z, Bias, eps, hkv, offs_d, d_ok, offs_v, v_ok, BLOC
     epilogue has its output tile live)."""
     p = _phi(q.to(tl.float32), d_ok, SOFTMAX)
     z = tl.load(Z + hkv * BLOCK_D + offs_d)
-    w = tl.sum(p * z[None, :], 1) + eps
+    rw = 1.0 / (tl.sum(p * z[None, :], 1) + eps)
     s2 = tl.load(S2 + (hkv * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :])
-    o = tl.dot((p / w[:, None]).to(q.dtype), s2.to(q.dtype), o, input_precision=PREC)
+    o = tl.dot((p * rw[:, None]).to(q.dtype), s2.to(q.dtype), o, input_precision=PREC)
     return o + tl.load(Bias + offs_v, mask=v_ok, other=0.0)[None, :]
 
 
