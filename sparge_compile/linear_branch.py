@@ -51,7 +51,7 @@ BRANCH_NAME = "sparge_linear"
 __all__ = ["AnchorHook", "BRANCH_NAME", "COMBINES", "COMBINES_ALL", "FEATURE_MAPS", "LinearBranch",
            "block_states", "combine_outputs", "dropped_states", "enable_linear_branch", "feature_map",
            "linear_attention_all", "linear_attention_dropped", "linear_domain", "route_qk",
-           "fused_sla_all", "sparse_linear_attention", "with_linear"]
+           "sparse_linear_attention", "with_linear"]
 
 
 def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
@@ -308,28 +308,10 @@ def sparse_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     if q.shape[-1] != branch.head_dim:
         raise ValueError(f"q has head dim {q.shape[-1]} but branch.head_dim is {branch.head_dim}")
     m = _mask(q, k, scale, is_causal, cfg, block_mask, branch)
-    fused = fused_sla_all(q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal, m.block_q, m.block_k,
-                          branch.params(), branch.combine, branch.feature_map, branch.eps)
-    if fused is not None:
-        return fused
     out_s, _ = ops.block_sparse_attention_op(q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal,
                                              m.block_q, m.block_k)
     return with_linear(out_s, q, k, v, m.kv_num_blocks, m.kv_indices, scale, is_causal, m.block_q, m.block_k,
                        branch.params(), *branch.spec())
-
-
-def fused_sla_all(q, k, v, kv_num_blocks, kv_indices, scale: float, is_causal: bool, block_q: int,
-                  block_k: int, params, combine: str, feature_map: str, eps: float):
-    """SLA's released form (sparse + proj(linear over all keys)) in one pass
-    (``sparge::sparse_sla_all``) where it applies: combine "sla-all", non-causal, the Triton kernels
-    (:func:`kernels.use_triton`) and no gradient wanted (the op has no autograd). Else None: the
-    caller runs the sparse op and :func:`with_linear`, which compute the same."""
-    if combine != "sla-all" or is_causal or not kernels.use_triton(q):
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *params)):
-        return None
-    return ops_linear.sparse_sla_all_op(q, k, v, kv_num_blocks, kv_indices, scale, block_q, block_k,
-                                        params[0], params[1], feature_map, eps)
 
 
 def with_linear(out_s, q, k, v, kv_num_blocks, kv_indices, scale: float, is_causal: bool, block_q: int,

@@ -5,9 +5,6 @@
 * ``sparge::linear_anchor`` (the branch's parameters, its spec) -> empty: the backend's marker
 * ``sparge::sla_all`` (out_sparse, q, k, v, proj weight, bias, ...) -> out_sparse + proj(linear
   attention over all keys): SLA's released form (``combine="sla-all"``), differentiable in all six
-* ``sparge::sparse_sla_all`` (q, k, v, kv_num_blocks, kv_indices, ..., proj weight, bias) -> the
-  sparse attention and that term in one pass (the term in the forward kernel's epilogue):
-  inference only, no autograd (callers take it only where no gradient is wanted)
 
 O_lin is :func:`sparge_compile.linear_branch.linear_attention_dropped` of the mask's kept blocks
 (the definition). Triton kernels (:mod:`.kernels.linear`) where :func:`kernels.use_triton` says so
@@ -147,22 +144,4 @@ def _sla_all_backward(ctx, dout):
 sla_all_op.register_autograd(_sla_all_backward, setup_context=_sla_all_setup)
 
 
-@torch.library.custom_op("sparge::sparse_sla_all", mutates_args=())
-def sparse_sla_all_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
-                      scale: float, block_q: int, block_k: int, weight: Tensor, bias: Tensor | None,
-                      feature_map: str, eps: float) -> Tensor:
-    """Non-causal sparse attention of the mask + proj(linear attention over all keys), in
-    :func:`.kernels.linear_all.sparse_sla_all_fwd` (Triton: CUDA or the interpreter)."""
-    from .kernels.linear_all import sparse_sla_all_fwd
-
-    return sparse_sla_all_fwd(q, k, v, kv_num_blocks, kv_indices, scale, block_q, block_k, weight, bias,
-                              feature_map, eps)
-
-
-@sparse_sla_all_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, scale, block_q, block_k, weight, bias, feature_map, eps):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
-
-
-__all__ = ["linear_anchor_op", "linear_dropped_backward_op", "linear_dropped_op", "sla_all_op",
-           "sparse_sla_all_op"]
+__all__ = ["linear_anchor_op", "linear_dropped_backward_op", "linear_dropped_op", "sla_all_op"]

@@ -262,19 +262,13 @@ def site_linear_attention(q: Tensor, k: Tensor, v: Tensor, scale_parts, is_causa
     branch's parameters (``params``, graph inputs: their gradients flow) and spec. The Python ops
     on every device (no native path); no key padding (the pass keeps such sites sparse-only).
     """
-    from .linear_branch import fused_sla_all, route_qk, with_linear
+    from .linear_branch import route_qk, with_linear
 
     q0 = q.unsqueeze(0) if q.dim() == 3 else q
     q, k, v, scale, squeeze = _op_layout(q, k, v, scale_parts)
     causal, st = bool(is_causal), _state(site)
     rq, rk = route_qk(q, k, params, combine, router)
     mask = site_block_mask(rq.detach(), rk.detach(), scale, causal, block_q, block_k, site, _owner(owner))
-    fused = None
-    if st.config.precision == "bf16" and st.config.pv_threshold is None and q0 is q:
-        fused = fused_sla_all(q, k, v, *mask, scale, causal, block_q, block_k, params, combine, feature_map,
-                              eps)
-    if fused is not None:
-        return fused.squeeze(0) if squeeze else fused
     if st.config.precision != "bf16":
         from .ops_lowbit import block_sparse_attention_lowbit_op
 

@@ -19,7 +19,6 @@ import triton.language as tl
 from ..reference import cdiv
 from . import tuning
 from .layout import attention_out
-from .phi import add_linear_all
 
 LOG2E = 1.4426950408889634  # log2(e): scores are exponentiated with exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, inside the kernels
@@ -146,17 +145,15 @@ def tile_start(lut, t, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
     return start
 
 
-# LIN (0: off; 1 / 2: φ softmax / elu) adds SLA's all-keys linear term in the epilogue
-# (.phi.add_linear_all of the folded states LinS, LinZ, LinB: kernels/linear_all.py)
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, LinS, LinZ, LinB, qk_scale, pv_lam, lin_eps,
+def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, qk_scale, pv_lam,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 Hq, G, Nq, Nk, nq, nk, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
                 HAS_KEEP: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
-                DEVICE_TMA: tl.constexpr = False, PV_FILTER: tl.constexpr = False, LIN: tl.constexpr = 0):
+                DEVICE_TMA: tl.constexpr = False, PV_FILTER: tl.constexpr = False):
     qk_scale = tl.cast(qk_scale, tl.float32)   # Inductor's launches pass a Python float as fp64
     pv_lam = tl.cast(pv_lam, tl.float32)
     if DEVICE_TMA:   # K, V come as pointers: their (B, Hkv, Nk, D) descriptors are built here
@@ -166,7 +163,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, LinS, LinZ, LinB, qk_scal
                                       strides=[svb, svh, svn, 1], block_shape=[1, 1, TILE_N, BLOCK_D])
     i, row0 = block_rows(BLOCK_M, TILE_M)
     bh = tl.program_id(1)
-    b, h = bh // Hq, bh % Hq
+    b = bh // Hq
+    h = bh % Hq
     hk = h // G
     offs_m = row0 + tl.arange(0, TILE_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -198,12 +196,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, KvNum, KvIdx, Keep, LinS, LinZ, LinB, qk_scal
             start = tile_start(lut, t, BLOCK_N, TILE_N)
             m_i, l_i, acc = _attend(q, k_base, v_base, start, offs_d, d_ok, offs_m, m_i, l_i, acc,
                                     qk_scale, Nk, skn, skd, svn, svd, keep_base, PREC, row0, TILE_N,
-                                    EVEN_N, EVEN, IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
+                                    EVEN_N, EVEN,
+                                    IS_CAUSAL, HAS_KEEP, pv_lam, q_ok, PV_FILTER)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    if LIN:
-        out = add_linear_all(out, q, LinS, LinZ, LinB, tl.cast(lin_eps, tl.float32), b * (Hq // G) + hk,
-                             offs_d, d_ok, offs_d, d_ok, BLOCK_D, BLOCK_D, LIN == 1, PREC)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E)
     m_ok = offs_m < Nq
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -305,44 +301,26 @@ def descriptor(x: torch.Tensor, block_n: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box)
 
 
-def triton_tiles(q, block_q: int, block_k: int, pv_threshold=None):
-    """The (TILE_M, TILE_N) the Triton forward runs this call in, or None where it runs in
-    PyTorch (kernels/torch_impl.py): tiles that fit no shared memory, exact fp32 at a wide head
-    dim, the P·V filter on split tiles (it is per block)."""
-    BLOCK_D = tuning.head_dim_tile(q.shape[-1])
-    row = BLOCK_D * q.element_size()
-    tiles = tuning.fit_tiles(block_q, block_k, row, 2 * row, q)
-    if (tiles is None or tuning.wide_exact_fp32(q, BLOCK_D)
-            or (pv_threshold is not None and tiles != (block_q, block_k))):
-        return None
-    return tiles
-
-
 _fwd_autotuned = tuning.autotuned(_fwd_kernel, tuning.FWD_CONFIGS, ["EVEN_N", "EVEN_D", "TILE_M", "TILE_N"])
 
 
 def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q, block_k, *,
-                         kv_keep=None, num_warps=None, num_stages=None, use_tma=None, pv_threshold=None,
-                         linear_all=None):
+                         kv_keep=None, num_warps=None, num_stages=None, use_tma=None, pv_threshold=None):
     """kv_keep: None or a (B, Nk) bool key-padding mask. Tuning knobs (the kernel-tuning
     benchmark sets them): num_warps, num_stages: fixed launch settings (default: autotuned on
     CUDA, see :mod:`.tuning`); use_tma: K/V through TMA tensor descriptors, True (host-built
     ones, device-built when traced for Inductor) or "device" (default: :func:`tma_mode`).
     pv_threshold: None, or SpargeAttn's λ (natural-log units of the scaled scores): a kept block
     is skipped when no row's block max is within λ of its running max (see _softmax_step;
-    reference: :func:`sparge_compile.reference.pv_filter_mask`). linear_all: None, or
-    (S2, z, b, eps, kind) from :func:`.linear_all.folded_states`: the output gets SLA's all-keys
-    linear term added in the epilogue (only where :func:`triton_tiles` gives tiles; the lse stays
-    the sparse part's)."""
+    reference: :func:`sparge_compile.reference.pv_filter_mask`)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nq, nk = cdiv(Nq, block_q), cdiv(Nk, block_k)
     BLOCK_D = tuning.head_dim_tile(D)
     row = BLOCK_D * q.element_size()  # bytes of one tile row: Q's rows stay, K/V rows per stage
-    tiles = triton_tiles(q, block_q, block_k, pv_threshold)
-    if tiles is None:
-        if linear_all is not None:
-            raise ValueError("linear_all: this call runs in PyTorch (see triton_tiles); add the term apart")
+    tiles = tuning.fit_tiles(block_q, block_k, row, 2 * row, q)
+    if (tiles is None or tuning.wide_exact_fp32(q, BLOCK_D)
+            or (pv_threshold is not None and tiles != (block_q, block_k))):  # the filter is per block
         from . import torch_impl
 
         return torch_impl.attention_fwd(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, block_q,
@@ -355,15 +333,12 @@ def attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, is_causal, b
     kk, vv = (descriptor(k, tiles[1]), descriptor(v, tiles[1])) if mode == "host" else (k, v)
     keep = keep_pointer(kv_keep, kv_num_blocks)
     lam = 0.0 if pv_threshold is None else float(pv_threshold) * LOG2E
-    lin_s, lin_z, lin_b, lin_eps, lin_kind = linear_all or (keep, keep, keep, 0.0, None)
-    args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, lin_s, lin_z, lin_b,
-            float(scale) * LOG2E, lam, float(lin_eps),
+    args = (q, kk, vv, out, lse, kv_num_blocks, kv_indices, keep, float(scale) * LOG2E, lam,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), Hq, Hq // Hkv, Nq, Nk, nq, nk, D)
     meta = dict(BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=BLOCK_D, IS_CAUSAL=bool(is_causal),
                 PREC=dot_precision(q.dtype), EVEN_N=Nk % block_k == 0, EVEN_D=D == BLOCK_D,
                 USE_TMA=mode is not None, HAS_KEEP=kv_keep is not None, TILE_M=tiles[0], TILE_N=tiles[1],
-                DEVICE_TMA=mode == "device", PV_FILTER=pv_threshold is not None,
-                LIN={None: 0, "softmax": 1, "elu": 2}[lin_kind])
+                DEVICE_TMA=mode == "device", PV_FILTER=pv_threshold is not None)
     fixed = fwd_defaults(BLOCK_D, mode is not None)
     stages = tuning.fit_stages(fixed["num_stages"], tiles[0] * row, 2 * tiles[1] * row, q)
     tuning.launch(_fwd_kernel, _fwd_autotuned, (nq * (block_q // tiles[0]), B * Hq), q, args, meta, num_warps,

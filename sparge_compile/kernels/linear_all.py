@@ -1,15 +1,23 @@
 """SLA's released form in two Triton kernels: O = O_sparse + proj(O_lin), O_lin the linear
 attention of every query over all keys (``combine="sla-all"``, non-causal).
 
-proj is linear, so proj(φ(Q)S / (φ(Q)·z + eps)) = φ(Q)(S Wᵀ) / (φ(Q)·z + eps) + b with
+proj is linear, so proj(φ(Q)S / (φ(Q)·z + eps)) = (φ(Q) / (φ(Q)·z + eps)) (S Wᵀ) + b with
 S = φ(K)ᵀV and z = φ(K)ᵀ1 over all keys: one D x Dv state per (batch, key head), folded with W.
 
 1. ``_total_states_kernel``: φ(K) tile by tile (in-kernel, rounded to v's dtype for the product,
-   as :mod:`.linear` does), partial S and z per chunk of key tiles; the chunks' sums in torch
-   (a few MB). K and V are read once.
-2. ``_sla_all_out_kernel``: per query tile (OUT_LAUNCH's block_m rows), φ(Q), one product with
-   S Wᵀ, the denominator, + b + O_sparse, stored once in O_sparse's dtype. Q and O_sparse are
-   read once: no O_lin, no proj output in memory.
+   as :mod:`.linear` does), partial S and z per chunk of key tiles; the chunks' sums and the fold
+   with W in torch (a few MB). K and V are read once.
+2. ``_sla_all_out_kernel``: per query tile, φ(Q), the denominator, one product with S Wᵀ
+   accumulated onto O_sparse, + b, stored once in O_sparse's dtype. Q and O_sparse are read
+   once: no O_lin, no proj output in memory.
+
+Measured on the H200 (B=1, H=12, N=32768, D=128, bf16, 95%; bench/tools/linear_all_probe.py,
+2026-12-04): states 0.144 ms at the launch below (the sweep: 64 or 128 key rows, K loaded
+transposed, S's columns split over programs, 4/8 warps, 256-2048 programs: none faster), the
+output kernel ~0.13 ms. The term in the sparse forward's epilogue instead (one pass over the
+queries) ran 1.08 ms against 0.69 for the forward alone: the forward's tile holds 255 registers
+at 4 warps and runs one program per SM, so the epilogue's work (φ(Q), S Wᵀ's load, the product)
+is serial and unhidden; two kernels win.
 
 The definition is :func:`sparge_compile.linear_branch.linear_attention_all` followed by
 :func:`~sparge_compile.linear_branch.combine_outputs` (tests/test_linear_all.py compares them in
@@ -26,47 +34,40 @@ from ..reference import cdiv
 from . import tuning
 from .forward import dot_precision
 from .linear import _check_kind
-from .phi import _phi, _phi_cols, add_linear_all
+from .phi import _phi, add_linear_all
 
-OUT_LAUNCH = dict(block_m=128, num_warps=8)   # the term kernel's query rows per program, warps
-# the states kernel's launch: key rows per tile, about how many programs (partial sums per chunk),
-# warps, pipeline stages, K loaded transposed (φ(K)ᵀ built in the A operand's layout: no transpose)
-# and columns of S per program (dv_tile; None: all)
-STATES_LAUNCH = dict(block_n=64, programs=512, num_warps=8, num_stages=3, kt=False, dv_tile=None)
+# launches (the probe's best on the H200): the states kernel's key rows per tile, about how many
+# programs (partial sums per chunk), warps, stages; the output kernel's query rows, warps
+STATES_LAUNCH = dict(block_n=64, programs=256, num_warps=4, num_stages=2)
+OUT_LAUNCH = dict(block_m=64, num_warps=4)
 
 
 @triton.jit
 def _total_states_kernel(K, V, SP, ZP, skb, skh, skn, skd, svb, svh, svn, svd, Hkv, Nk, nc, chunk, D, Dv,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         SOFTMAX: tl.constexpr, PREC: tl.constexpr, KT: tl.constexpr, DV_TILE: tl.constexpr):
+                         SOFTMAX: tl.constexpr, PREC: tl.constexpr):
     """SP[bh, c] = Σ over the key tiles of chunk c of φ(K_t)ᵀV_t, ZP[bh, c] = Σ of φ(K_t)'s rows."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, hk = bh // Hkv, bh % Hkv
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    offs_v = tl.program_id(2) * DV_TILE + tl.arange(0, DV_TILE)   # this program's columns of S
+    offs_v = tl.arange(0, BLOCK_DV)
     v_ok = offs_v < Dv
-    acc = tl.zeros([BLOCK_D, DV_TILE], tl.float32)
+    acc = tl.zeros([BLOCK_D, BLOCK_DV], tl.float32)
     z = tl.zeros([BLOCK_D], tl.float32)
     for t in range(0, chunk):
         offs_n = (c * chunk + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Nk
+        x = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_v[None, :] * svd,
                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        if KT:   # φ(K_t)ᵀ (BLOCK_D, BLOCK_N) straight from a transposed load
-            xt = tl.load(K + b * skb + hk * skh + offs_d[:, None] * skd + offs_n[None, :] * skn,
-                         mask=d_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            pkt = tl.where(n_ok[None, :], _phi_cols(xt, d_ok, SOFTMAX), 0.0).to(v.dtype)   # keys past Nk: 0
-        else:
-            x = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            pkt = tl.trans(tl.where(n_ok[:, None], _phi(x, d_ok, SOFTMAX), 0.0).to(v.dtype))
-        acc += tl.dot(pkt, v, input_precision=PREC)
-        z += tl.sum(pkt.to(tl.float32), 1)
+        pk = tl.where(n_ok[:, None], _phi(x, d_ok, SOFTMAX), 0.0).to(v.dtype)   # rows past Nk: 0
+        acc += tl.dot(tl.trans(pk), v, input_precision=PREC)
+        z += tl.sum(pk.to(tl.float32), 0)
     base = bh * nc + c
-    z_cols = (tl.program_id(2) == 0).to(tl.int32) * BLOCK_D   # z: by the first column tile alone
-    tl.store(ZP + base * BLOCK_D + offs_d, z, mask=offs_d < z_cols)
+    tl.store(ZP + base * BLOCK_D + offs_d, z)
     tl.store(SP + (base * BLOCK_D + offs_d[:, None]) * BLOCK_DV + offs_v[None, :], acc)
 
 
@@ -107,62 +108,48 @@ def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax", **laun
     nc = cdiv(tiles, chunk)
     SP = torch.empty((B * Hkv, nc, BLOCK_D, BLOCK_DV), dtype=torch.float32, device=k.device)
     ZP = torch.empty((B * Hkv, nc, BLOCK_D), dtype=torch.float32, device=k.device)
-    dv_tile = min(cfg["dv_tile"] or BLOCK_DV, BLOCK_DV)
-    grid = (nc, B * Hkv, BLOCK_DV // dv_tile)
-    _total_states_kernel[grid](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
-                               BLOCK_N=cfg["block_n"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, SOFTMAX=softmax,
-                               PREC=dot_precision(k.dtype), KT=cfg["kt"], DV_TILE=dv_tile,
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _total_states_kernel[(nc, B * Hkv)](k, v, SP, ZP, *k.stride(), *v.stride(), Hkv, Nk, nc, chunk, D, Dv,
+                                        BLOCK_N=cfg["block_n"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                        SOFTMAX=softmax, PREC=dot_precision(k.dtype),
+                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return SP.sum(1), ZP.sum(1)
 
 
 def folded_states(k, v, weight, bias, kind: str = "softmax", **launch):
     """(S2, z, b): S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV) in k's dtype (fp32 for fp32), z (B*Hkv, BLOCK_D)
-    and proj's bias (Dv,) fp32, zero in the padded tiles: all the all-keys term needs beside φ(q).
-    launch: see :func:`total_states`."""
+    and proj's bias (BLOCK_DV,) fp32, zero in the padded tiles: all the all-keys term needs beside
+    φ(q). launch: see :func:`total_states`. Few torch ops (each one's launch shows at this size)."""
     S, z = total_states(k, v, kind, **launch)
-    Dv = v.shape[-1]
-    BLOCK_DV = S.shape[-1]
-    w = torch.zeros((BLOCK_DV, BLOCK_DV), dtype=torch.float32, device=k.device)
-    w[:Dv, :Dv] = weight.float()
-    b = bias.float().contiguous() if bias is not None else torch.zeros(Dv, device=k.device)
+    Dv, BLOCK_DV = v.shape[-1], S.shape[-1]
+    w = weight.float()
+    if Dv != BLOCK_DV:   # a padded head-dim tile: W and b padded with zeros
+        w = torch.nn.functional.pad(w, (0, BLOCK_DV - Dv, 0, BLOCK_DV - Dv))
+    b = torch.zeros(BLOCK_DV, device=k.device) if bias is None else torch.nn.functional.pad(
+        bias.float(), (0, BLOCK_DV - Dv))
     dtype = k.dtype if k.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    return (S @ w.t()).to(dtype).contiguous(), z.contiguous(), b
+    return torch.matmul(S, w.t()).to(dtype), z, b
 
 
 def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
     """O_sparse + proj(linear attention over all keys), (B, Hq, Nq, Dv) in out_s's dtype.
     weight (Dv, Dv), bias (Dv,) or None: proj's. q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv)."""
+    _check_kind(kind)
+    return add_term(out_s, q, *folded_states(k, v, weight, bias, kind), kind, eps)
+
+
+def add_term(out_s, q, S2, z, b, kind: str = "softmax", eps: float = 1e-5):
+    """out_s + (φ(q) / (φ(q)·z + eps)) S2 + b from :func:`folded_states`' (S2, z, b): the output
+    kernel alone. out_s (B, Hq, Nq, Dv); the key heads are S2's rows over B."""
     softmax = _check_kind(kind)
     B, Hq, Nq, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    S2, z, b = folded_states(k, v, weight, bias, kind)
+    Dv = out_s.shape[-1]
     BLOCK_D, BLOCK_DV = S2.shape[-2:]
     out = torch.empty(q.shape[:-1] + (Dv,), dtype=out_s.dtype, device=q.device)
     _sla_all_out_kernel[(cdiv(Nq, OUT_LAUNCH["block_m"]), B * Hq)](
         q, out_s, S2, z, b, out, float(eps), *q.stride(), *out_s.stride(), *out.stride(),
-        Hq, Hq // Hkv, Nq, D, Dv, BLOCK_M=OUT_LAUNCH["block_m"], BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        SOFTMAX=softmax, PREC=dot_precision(q.dtype), num_warps=OUT_LAUNCH["num_warps"])
+        Hq, Hq // (S2.shape[0] // B), Nq, D, Dv, BLOCK_M=OUT_LAUNCH["block_m"], BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV, SOFTMAX=softmax, PREC=dot_precision(q.dtype), num_warps=OUT_LAUNCH["num_warps"])
     return out
 
 
-def sparse_sla_all_fwd(q, k, v, kv_num_blocks, kv_indices, scale, block_q, block_k, weight, bias,
-                       kind: str = "softmax", eps: float = 1e-5):
-    """The whole of SLA's released form in one pass over the queries (inference: no lse, no
-    separate O_sparse): sparse attention of the mask (non-causal) with proj(O_lin) added in the
-    forward kernel's epilogue, O_lin over all keys from :func:`folded_states`. Where the sparse
-    forward runs in PyTorch (:func:`.forward.triton_tiles` None) or v's head dim differs from q's:
-    the sparse op then :func:`sla_all_fwd_triton`. (B, Hq, Nq, Dv) in q's dtype."""
-    from .forward import attention_fwd_triton, triton_tiles
-
-    _check_kind(kind)
-    if triton_tiles(q, block_q, block_k) is None or v.shape[-1] != q.shape[-1]:
-        out_s, _ = attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, False, block_q, block_k)
-        return sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind, eps)
-    S2, z, b = folded_states(k, v, weight, bias, kind)
-    out, _ = attention_fwd_triton(q, k, v, kv_num_blocks, kv_indices, scale, False, block_q, block_k,
-                                  linear_all=(S2, z, b, eps, kind))
-    return out
-
-
-__all__ = ["folded_states", "sla_all_fwd_triton", "sparse_sla_all_fwd", "total_states"]
+__all__ = ["add_term", "folded_states", "sla_all_fwd_triton", "total_states"]
