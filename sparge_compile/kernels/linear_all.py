@@ -116,30 +116,34 @@ def total_states(k: torch.Tensor, v: torch.Tensor, kind: str = "softmax", **laun
 
 
 def folded_states(k, v, weight, bias, kind: str = "softmax", **launch):
-    """(S2, z, b): S Wᵀ (B*Hkv, BLOCK_D, BLOCK_DV) in k's dtype (fp32 for fp32), z (B*Hkv, BLOCK_D)
-    and proj's bias (BLOCK_DV,) fp32, zero in the padded tiles: all the all-keys term needs beside
-    φ(q). launch: see :func:`total_states`. Few torch ops (each one's launch shows at this size)."""
+    """(S2, z, b): S Wᵀ / Nk (B*Hkv, BLOCK_D, BLOCK_DV) in k's dtype (fp32 for fp32), z / Nk
+    (B*Hkv, BLOCK_D) and proj's bias (BLOCK_DV,) fp32, zero in the padded tiles: all the all-keys
+    term needs beside φ(q). Divided by the key count: S grows with it (φ(K)'s rows are O(1)), past
+    fp16's range at long sequences (65504: about 50k keys of unit values), and the term's ratio
+    does not change (the caller divides eps too). launch: see :func:`total_states`. Few torch ops
+    (each one's launch shows at this size)."""
     S, z = total_states(k, v, kind, **launch)
     Dv, BLOCK_DV = v.shape[-1], S.shape[-1]
-    w = weight.float()
+    w = weight.float() * (1.0 / max(k.shape[2], 1))
     if Dv != BLOCK_DV:   # a padded head-dim tile: W and b padded with zeros
         w = torch.nn.functional.pad(w, (0, BLOCK_DV - Dv, 0, BLOCK_DV - Dv))
     b = torch.zeros(BLOCK_DV, device=k.device) if bias is None else torch.nn.functional.pad(
         bias.float(), (0, BLOCK_DV - Dv))
     dtype = k.dtype if k.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    return torch.matmul(S, w.t()).to(dtype), z, b
+    return torch.matmul(S, w.t()).to(dtype), z * (1.0 / max(k.shape[2], 1)), b
 
 
 def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
     """O_sparse + proj(linear attention over all keys), (B, Hq, Nq, Dv) in out_s's dtype.
     weight (Dv, Dv), bias (Dv,) or None: proj's. q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv)."""
     _check_kind(kind)
-    return add_term(out_s, q, *folded_states(k, v, weight, bias, kind), kind, eps)
+    return add_term(out_s, q, *folded_states(k, v, weight, bias, kind), kind, eps / max(k.shape[2], 1))
 
 
 def add_term(out_s, q, S2, z, b, kind: str = "softmax", eps: float = 1e-5):
-    """out_s + (φ(q) / (φ(q)·z + eps)) S2 + b from :func:`folded_states`' (S2, z, b): the output
-    kernel alone. out_s (B, Hq, Nq, Dv); the key heads are S2's rows over B."""
+    """out_s + (φ(q) / (φ(q)·z + eps)) S2 + b from :func:`folded_states`' (S2, z, b) (eps in z's
+    units: divided by the key count as they are): the output kernel alone. out_s (B, Hq, Nq, Dv);
+    the key heads are S2's rows over B."""
     softmax = _check_kind(kind)
     B, Hq, Nq, D = q.shape
     Dv = out_s.shape[-1]
