@@ -200,22 +200,37 @@ def attach_branches(module, args, branch_kw) -> None:
                                 **branch_kw)
 
 
-def attention_ms(cfg, branch_kw, qkv, args) -> tuple[float | None, float | None]:
-    """(this variant's attention ms, the plain sparse kernel's on the same config) on CUDA; else Nones."""
+def attention_ms(cfg, branch_kw, qkv, args) -> dict:
+    """On CUDA: this variant's attention (prediction included) and the plain sparse attention's on
+    the same config, each as GPU time (replayed from a CUDA graph: at this size an eager call is
+    mostly host time, which varied 2x between rows of one run) and eager (host included); {} off
+    CUDA. A call that cannot be captured keeps its eager time alone."""
     q, k, v = qkv
     if not q.is_cuda:
-        return None, None
-    from triton.testing import do_bench
-
+        return {}
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    sparse = do_bench(lambda: sc.sparse_attention(q, k, v, config=cfg), warmup=25, rep=100)
-    if branch_kw is None:
-        return sparse, sparse
-    br = sc.LinearBranch(args.dim // args.heads, args.heads, **branch_kw).to(q.device)
+    sparse = lambda: sc.sparse_attention(q, k, v, config=cfg)  # noqa: E731
+    fn = sparse
+    if branch_kw is not None:
+        br = sc.LinearBranch(args.dim // args.heads, args.heads, **branch_kw).to(q.device)
+        with torch.no_grad():
+            for p in br.parameters():
+                p.normal_(0, 0.02)   # non-trivial parameters: the branch's whole work runs
+        fn = lambda: sc.sparse_linear_attention(q, k, v, br, config=cfg)  # noqa: E731
+    res = {"attn_eager_ms": C.time_fn(fn, q.device)}
     with torch.no_grad():
-        for p in br.parameters():
-            p.normal_(0, 0.02)   # non-trivial parameters: the branch's whole work runs
-    return do_bench(lambda: sc.sparse_linear_attention(q, k, v, br, config=cfg), warmup=25, rep=100), sparse
+        res["attn_ms"], res["sparse_ms"] = _graph_ms(fn, q.device), _graph_ms(sparse, q.device)
+    if res["attn_ms"] is not None and res["sparse_ms"]:
+        res["attn_vs_sparse"] = res["attn_ms"] / res["sparse_ms"]
+    return res
+
+
+def _graph_ms(fn, device) -> float | None:
+    try:
+        return C.time_graph(fn, device)
+    except Exception as e:   # not capturable (a host sync inside): the eager time stands alone
+        print(f"attention timing: no CUDA graph ({C.short_error(e, 160)})", flush=True)
+        return None
 
 
 def _optimizer(module, args):
@@ -233,7 +248,8 @@ def _optimizer(module, args):
 def sla_peer_ms(qkv, target: float, args) -> float | None:
     """thu-ml/SLA's own module (``sparse_linear_attention.SparseLinearAttention``: its top-k mask at
     the same kept share, its Triton sparse kernel, linear attention over all keys, proj) on the same
-    q/k/v, where that package imports and on CUDA; else None."""
+    q/k/v, where that package imports and on CUDA; else None. GPU time (a CUDA graph) where it
+    captures, else eager."""
     q, k, v = qkv
     try:
         from sparse_linear_attention import SparseLinearAttention
@@ -247,7 +263,8 @@ def sla_peer_ms(qkv, target: float, args) -> float | None:
     peer = SparseLinearAttention(q.shape[-1], topk=1 - target, BLKQ=args.block_q, BLKK=args.block_k)
     peer = peer.to(q.device)
     with torch.no_grad():
-        return do_bench(lambda: peer(q, k, v), warmup=25, rep=100)
+        call = lambda: peer(q, k, v)  # noqa: E731
+        return _graph_ms(call, q.device) or do_bench(call, warmup=25, rep=100)
 
 
 def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
@@ -269,13 +286,12 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     after = D.measure(student, ctx["ev"], ctx["ref"], ctx["amp"], args.sample_steps)
     samples = after.pop("samples").cpu()
     before.pop("samples")
-    attn, sparse = attention_ms(cfg, branch_kw, ctx["qkv"], args)
+    timing = attention_ms(cfg, branch_kw, ctx["qkv"], args)
     peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-               loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, attn_ms=attn,
-               attn_vs_sparse=None if attn is None else attn / sparse, sla_peer_ms=peer)
+               loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, **timing, sla_peer_ms=peer)
     print(f"{target:.2f} {name}: sparsity {row['sparsity']:.3f}; vel err {row['vel_err_before']:.4f} -> "
           f"{row['vel_err_after']:.4f}; PSNR {row['psnr_before']:.1f} -> {row['psnr_after']:.1f} dB "
           f"({secs:.0f} s)", flush=True)
@@ -285,7 +301,8 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
 COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("sparsity", "sparsity"),
            ("vel_err_before", "vel err training-free"), ("vel_err_after", "vel err distilled"),
            ("psnr_before", "PSNR training-free (dB)"), ("psnr_after", "PSNR distilled (dB)"),
-           ("attn_ms", "attention ms"), ("attn_vs_sparse", "vs sparse kernel"),
+           ("attn_ms", "attention GPU ms"), ("attn_vs_sparse", "vs sparse kernel"),
+           ("attn_eager_ms", "eager ms (host incl.)"),
            ("sla_peer_ms", "thu-ml/SLA ms (its top-k mask)"), ("distill_s", "distill s")]
 
 
