@@ -124,6 +124,10 @@ def calibrate(qks, base: sc.SpargeConfig, mode: str, target: float, iters: int =
         make = lambda a: base.replace(mode="topp", topk=0.0, topp=a)  # noqa: E731
     else:
         make = lambda a: base.replace(mode="hybrid", topk=(1 - target) / 2, topp=a)  # noqa: E731
+    return _bisect(qks, make, target, iters)
+
+
+def _bisect(qks, make, target: float, iters: int) -> sc.SpargeConfig:
     lo, hi = 0.0, 1.0          # sparsity(lo) >= target (assumed), sparsity(hi) < target
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -132,6 +136,46 @@ def calibrate(qks, base: sc.SpargeConfig, mode: str, target: float, iters: int =
         else:
             hi = mid
     return make(lo)
+
+
+HYBRID_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9)   # of the top-k budget 1 - target
+
+
+@torch.no_grad()
+def attention_error(qkvs, cfg: sc.SpargeConfig) -> float:
+    """Mean over the captured layers of the sparse attention's (prediction included) relative L1
+    error against dense SDPA: SpargeAttn's training-free measure."""
+    errs = [C.rel_l1(sc.sparse_attention(q, k, v, config=cfg), F.scaled_dot_product_attention(q, k, v))
+            for q, k, v in qkvs]
+    return sum(errs) / len(errs)
+
+
+def calibrate_hybrid(qkvs, base: sc.SpargeConfig, target: float, shares=HYBRID_SHARES, iters: int = 20):
+    """The hybrid rule at mean sparsity >= target with the least training-free attention error
+    (:func:`attention_error`) on the captured q/k/v: for each share s of the top-k budget
+    (topk = s·(1 − target)) topp is bisected to the target. Only true mixtures (0 < s < 1): the
+    rules alone are their own variants, so the comparison with them means something. Candidates
+    short of the target are left out; all short (a filter keeps blocks the top-k share cannot
+    drop): the sparsest, top-k alone (share 1) among them. Returns (config, grid rows)."""
+    qks = [x[:2] for x in qkvs]
+    cands = []
+    for s in shares:
+        make = lambda a, s=s: base.replace(mode="hybrid", topk=s * (1 - target), topp=a)  # noqa: E731
+        cands.append((s, _bisect(qks, make, target, iters)))
+    grid = [dict(share=s, mode=c.mode, topk=c.topk, topp=c.topp, sparsity=mean_sparsity(qks, c))
+            for s, c in cands]
+    for row, (_, c) in zip(grid, cands):
+        row["error"] = attention_error(qkvs, c) if row["sparsity"] >= target else None
+    ok = [i for i, r in enumerate(grid) if r["error"] is not None]
+    if ok:
+        best = min(ok, key=lambda i: grid[i]["error"])
+        return cands[best][1], grid
+    alone = calibrate(qks, base, "topk", target, iters)
+    cands.append((1.0, alone))
+    grid.append(dict(share=1.0, mode=alone.mode, topk=alone.topk, topp=alone.topp,
+                     sparsity=mean_sparsity(qks, alone), error=None))
+    best = max(range(len(grid)), key=lambda i: grid[i]["sparsity"])
+    return cands[best][1], grid
 
 
 # --------------------------------------------------------------------------------------------

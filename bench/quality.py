@@ -181,16 +181,20 @@ def teacher_quality(args, ev, ref, data, device) -> dict:
                     edge_ratio=edges(samples) / max(edges(x), 1e-12))
 
 
-def variant_config(args, name, qks, base, target) -> sc.SpargeConfig:
-    """The variant's config at mean sparsity >= target where its rule reaches it; the judge (theta)
-    keeps blocks hybrid's fixed top-k share cannot drop, so there top-k alone is bisected too."""
+def variant_config(args, name, ctx, target) -> tuple[sc.SpargeConfig, list | None]:
+    """The variant's config at mean sparsity >= target on the calibration batch's q/k/v (a
+    training batch, not the eval one): top-k / top-p bisected; the hybrid-rule variants (with their
+    filters) by :func:`bench.distill.calibrate_hybrid`, the least training-free error over the
+    top-k share, with its grid. Cached per (rule, filters, target): sla / sla2 / sla-all get
+    hybrid's config."""
     mode, extra, _ = VARIANTS[name]
-    base = base.replace(**{k: getattr(args, v) for k, v in extra.items()})
-    cfg = D.calibrate(qks, base, mode, target)
-    if D.mean_sparsity(qks, cfg) < target and mode == "hybrid":
-        alt = D.calibrate(qks, base, "topk", target)
-        cfg = alt if D.mean_sparsity(qks, alt) > D.mean_sparsity(qks, cfg) else cfg
-    return cfg
+    base = ctx["base"].replace(**{k: getattr(args, v) for k, v in extra.items()})
+    key = (mode, tuple(sorted(extra)), target)
+    if key not in ctx["configs"]:
+        qks = [x[:2] for x in ctx["cal_qkv"]]
+        ctx["configs"][key] = (D.calibrate_hybrid(ctx["cal_qkv"], base, target) if mode == "hybrid"
+                               else (D.calibrate(qks, base, mode, target), None))
+    return ctx["configs"][key]
 
 
 def attach_branches(module, args, branch_kw) -> None:
@@ -269,7 +273,7 @@ def sla_peer_ms(qkv, target: float, args) -> float | None:
 
 def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     """Calibrate, measure, distill, measure one variant at one sparsity: its row and samples."""
-    cfg = variant_config(args, name, ctx["qks"], ctx["base"], target)
+    cfg, grid = variant_config(args, name, ctx, target)
     branch_kw = VARIANTS[name][2]
     module = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
     attach_branches(module, args, branch_kw)
@@ -288,7 +292,8 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     before.pop("samples")
     timing = attention_ms(cfg, branch_kw, ctx["qkv"], args)
     peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
-    row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp,
+    row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp, rule=cfg.mode,
+               topk_share=_share(cfg, grid), calibration_grid=grid,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, **timing, sla_peer_ms=peer)
@@ -298,7 +303,14 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     return row, samples
 
 
-COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("sparsity", "sparsity"),
+def _share(cfg, grid):
+    """The hybrid pick's share of the top-k budget, else None."""
+    return next((r["share"] for r in grid or () if (r["topk"], r["topp"], r["mode"]) ==
+                 (cfg.topk, cfg.topp, cfg.mode)), None)
+
+
+COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("topk_share", "top-k share"),
+           ("sparsity", "sparsity"),
            ("vel_err_before", "vel err training-free"), ("vel_err_after", "vel err distilled"),
            ("psnr_before", "PSNR training-free (dB)"), ("psnr_after", "PSNR distilled (dB)"),
            ("attn_ms", "attention GPU ms"), ("attn_vs_sparse", "vs sparse kernel"),
@@ -339,7 +351,11 @@ def context(args, device, amp) -> dict:
         teacher(ev["x_t"], ev["t"], ev["y"])
     pool_x, pool_y = data(args.pool, torch.Generator(device=device).manual_seed(args.seed + 2), device)
     inputs = sc.flow_matching_inputs(pool_x, pool_y, batch_size=args.distill_batch, seed=args.seed + 3)
+    cal_qkv: list = []   # calibration: a training batch no distill run reaches (its step index)
+    with torch.no_grad(), amp(), D.capture_qk(cal_qkv, with_v=True):
+        teacher(*inputs(10 ** 6))
     return dict(teacher=teacher, tinfo=tinfo, ev=ev, ref=ref, qks=[x[:2] for x in qkv], qkv=qkv[0],
+                cal_qkv=cal_qkv, configs={},
                 inputs=inputs,
                 base=sc.SpargeConfig(block_q=args.block_q, block_k=args.block_k, min_seq_len=0),
                 quality=teacher_quality(args, ev, ref, data, device), amp=amp, device=device,

@@ -282,6 +282,30 @@ def test_quality(tmp_path):
     assert again["rows"][0]["vel_err_before"] == hyb["vel_err_before"]   # the same teacher, loaded
 
 
+def test_calibrate_hybrid_picks_the_least_error_mixture():
+    """bench quality's hybrid calibration: every candidate is a true mixture (0 < share < 1)
+    bisected to the target, the pick reaches it and has the least training-free error of those
+    that do (recomputed here), and the grid reports each candidate."""
+    import sparge_compile as sc
+    from bench import distill as D
+
+    g = torch.Generator().manual_seed(0)
+    qkvs = []
+    for _ in range(2):
+        q, k, v = (torch.randn(1, 2, 512, 16, generator=g) for _ in range(3))
+        k = k + torch.randn(1, 2, 8, 1, generator=g).repeat_interleave(64, dim=2)   # structured blocks
+        qkvs.append((q, k, v))
+    base = sc.SpargeConfig(block_q=64, block_k=64, min_seq_len=0)
+    cfg, grid = D.calibrate_hybrid(qkvs, base, 0.75, iters=12)
+    assert [r["share"] for r in grid] == list(D.HYBRID_SHARES) and all(0 < r["share"] < 1 for r in grid)
+    ok = [r for r in grid if r["error"] is not None]
+    assert ok and all(r["sparsity"] >= 0.75 for r in ok)
+    assert cfg.mode == "hybrid" and D.mean_sparsity([x[:2] for x in qkvs], cfg) >= 0.75
+    err = D.attention_error(qkvs, cfg)
+    assert err == min(r["error"] for r in ok)
+    assert err <= D.attention_error(qkvs, D.calibrate([x[:2] for x in qkvs], base, "hybrid", 0.75, iters=12))
+
+
 @pytest.mark.parametrize("argv,named", [(["--sparsities", "0.95,150"], "--sparsities"),
                                         (["--sparsities", "x"], "--sparsities"),
                                         (["--variants", "hybrid,sla3"], "--variants"),
