@@ -47,15 +47,20 @@ def image_data(args):
     return lambda n, gen, device: shape_images(n, args.image_size, gen, device)
 
 
-def train_teacher(args, device, amp, data=None) -> tuple[DiT, dict]:
-    """data: (n, generator, device) -> (x0, y), default :func:`image_data`."""
+def train_teacher(args, device, amp, data=None, init: dict | None = None) -> tuple[DiT, dict]:
+    """data: (n, generator, device) -> (x0, y), default :func:`image_data`. init: a saved
+    teacher's ``{"state", "info"}`` to go on from (its weights start both the model and the EMA;
+    a fresh optimizer with its warm-up; the steps and seconds add up in the info)."""
     data = data or image_data(args)
-    torch.manual_seed(args.seed)
+    step0 = init["info"]["steps"] if init else 0
+    torch.manual_seed(args.seed + step0)
     model = DiT(image_size=args.image_size, patch=args.patch, in_ch=3, dim=args.dim, depth=args.depth,
                 heads=args.heads, num_classes=SHAPE_CLASSES).to(device)
+    if init:
+        model.load_state_dict(init["state"])   # bf16 as saved, copied into the fp32 parameters
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed + step0)   # new batches after a resume
     t0 = time.perf_counter()
     losses, step = [], 0
     while step < args.train_steps and time.perf_counter() - t0 < args.train_seconds:
@@ -73,7 +78,7 @@ def train_teacher(args, device, amp, data=None) -> tuple[DiT, dict]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = min(args.ema, (1 + step0 + step) / (10 + step0 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
@@ -84,9 +89,11 @@ def train_teacher(args, device, amp, data=None) -> tuple[DiT, dict]:
         step += 1
     C.sync(device)
     secs = time.perf_counter() - t0
-    info = dict(steps=step, seconds=secs, final_loss=sum(losses[-100:]) / max(1, len(losses[-100:])),
-                batch=args.batch, lr=args.lr)
-    print(f"teacher: {step} steps in {secs:.0f} s, loss {info['final_loss']:.4f}", flush=True)
+    info = dict(steps=step0 + step, seconds=secs + (init["info"]["seconds"] if init else 0.0),
+                final_loss=sum(losses[-100:]) / max(1, len(losses[-100:])), batch=args.batch, lr=args.lr,
+                resumed_at=step0 if init else None)
+    print(f"teacher: {step} steps in {secs:.0f} s ({info['steps']} in all), loss {info['final_loss']:.4f}",
+          flush=True)
     return ema.eval(), info
 
 

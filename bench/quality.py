@@ -65,6 +65,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     D.add_teacher_args(p, batch=16, train_seconds=300.0)
     p.add_argument("--teacher-ckpt", default=None, help="load the teacher from here if it exists, else train "
                    "it and save it here")
+    p.add_argument("--teacher-continue", action="store_true", help="with --teacher-ckpt: train the saved "
+                   "teacher --train-seconds more and save it again")
     p.add_argument("--sparsities", default="0.95,0.97")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--theta", type=float, default=0.3, help="the theta variant's self-similarity threshold")
@@ -121,25 +123,35 @@ def clip_data(args):
 
 def get_teacher(args, device, amp, data) -> tuple[DiT, dict]:
     """The teacher from --teacher-ckpt where that file exists (same sizes), else trained (and saved
-    there when given)."""
+    there when given). --teacher-continue: a saved teacher trains --train-seconds more from its
+    weights and is saved again (a teacher longer than one device call)."""
     path = Path(args.teacher_ckpt) if args.teacher_ckpt else None
+    init = None
     if path is not None and path.exists():
         ck = torch.load(path, map_location=device, weights_only=False)
-        teacher = DiT(**ck["sizes"], in_ch=3, num_classes=SHAPE_CLASSES).to(device)
-        teacher.load_state_dict(ck["state"])
-        print(f"teacher loaded from {path}", flush=True)
-        return teacher.eval().requires_grad_(False), dict(ck["info"], loaded_from=str(path))
-    teacher, info = D.train_teacher(args, device, amp, data)
-    if path is not None:   # saved in bf16 (half the bytes: it fits what the GPU machine sends back);
-        with torch.no_grad():   # the run goes on with the weights as saved, as later runs load them
-            for p in teacher.parameters():
-                p.copy_(p.to(torch.bfloat16))
-        sizes = dict(image_size=args.image_size, patch=args.patch, dim=args.dim, depth=args.depth,
-                     heads=args.heads)
-        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                 for k, v in teacher.state_dict().items()}
-        torch.save(dict(sizes=sizes, state=state, info=info), path)
+        if not args.teacher_continue:
+            teacher = DiT(**ck["sizes"], in_ch=3, num_classes=SHAPE_CLASSES).to(device)
+            teacher.load_state_dict(ck["state"])
+            print(f"teacher loaded from {path}", flush=True)
+            return teacher.eval().requires_grad_(False), dict(ck["info"], loaded_from=str(path))
+        init = ck
+        print(f"teacher goes on from {path} ({ck['info']['steps']} steps)", flush=True)
+    teacher, info = D.train_teacher(args, device, amp, data, init=init)
+    if path is not None:
+        save_teacher(teacher, args, info, path)
     return teacher, info
+
+
+def save_teacher(teacher, args, info, path: Path) -> None:
+    """Saved in bf16 (half the bytes: it fits what the GPU machine sends back); the run goes on
+    with the weights as saved, as later runs load them."""
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    sizes = dict(image_size=args.image_size, patch=args.patch, dim=args.dim, depth=args.depth,
+                 heads=args.heads)
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in teacher.state_dict().items()}
+    torch.save(dict(sizes=sizes, state=state, info=info), path)
 
 
 def classifier(args, data, device) -> torch.nn.Module:

@@ -280,6 +280,12 @@ def test_quality(tmp_path):
     again = _load(tmp_path / "again", "quality")
     assert again["teacher"]["loaded_from"] == str(ck)
     assert again["rows"][0]["vel_err_before"] == hyb["vel_err_before"]   # the same teacher, loaded
+    _bench("quality", "--quick", "--train-steps", "2", "--variants", "", "--teacher-ckpt", str(ck),
+           "--teacher-continue", "--out", str(tmp_path / "more"))
+    more = _load(tmp_path / "more", "quality")
+    assert more["teacher"]["steps"] == 5 and more["teacher"]["resumed_at"] == 3   # 3 + 2 steps
+    saved = torch.load(ck, weights_only=False)
+    assert saved["info"]["steps"] == 5    # saved again, with the steps added up
 
 
 def test_calibrate_hybrid_picks_the_least_error_mixture():
