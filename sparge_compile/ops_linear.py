@@ -106,13 +106,18 @@ def _sla_all_reference(out_s, q, k, v, weight, bias, feature_map, eps):
     return combine_outputs(out_s, out_l, on, None, "sla-all", (weight, bias))
 
 
+SLA_ALL_MAX_HEAD_DIM = 128   # sparge::sla_all's kernels up to this head dim (q's and v's)
+
+
 @torch.library.custom_op("sparge::sla_all", mutates_args=())
 def sla_all_op(out_s: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, bias: Tensor | None,
                feature_map: str, eps: float) -> Tensor:
     """out_s + proj(O_lin), O_lin = linear attention of every query over all keys: the Triton
-    kernels of :mod:`.kernels.linear_all` where :func:`kernels.use_triton` says so, else the
-    PyTorch definition. The backward is the definition's (recomputed in fp32)."""
-    if kernels.use_triton(q):
+    kernels of :mod:`.kernels.linear_all` where :func:`kernels.use_triton` says so and the head
+    dims fit a 128-wide tile (a wider one would hold a 256 x 256 fp32 state per program; those
+    kernels have not run on a GPU), else the PyTorch definition. The backward is the
+    definition's (recomputed in fp32)."""
+    if kernels.use_triton(q) and max(q.shape[-1], v.shape[-1]) <= SLA_ALL_MAX_HEAD_DIM:
         from .kernels.linear_all import sla_all_fwd_triton
 
         return sla_all_fwd_triton(out_s, q, k, v, weight, bias, feature_map, eps)

@@ -80,6 +80,22 @@ def test_totals_are_the_sum_over_all_keys(kind, launch):
     assert S[:, 40:].abs().max() == 0 and S[:, :, 24:].abs().max() == 0 and z[:, 40:].abs().max() == 0
 
 
+def test_token_major_inputs_and_wide_heads(monkeypatch):
+    """Strided (token-major, as SDPA callers often pass) inputs give the contiguous inputs' output;
+    a head dim past the kernels' 128 runs the PyTorch definition (no kernel launch)."""
+    pb = dict(seed=7, B=2, Hq=4, Hkv=2, Nq=70, Nk=90, D=24, dtype=torch.float32, kind="softmax", bias=True)
+    out_s, q, k, v, w, b = (x.detach() for x in _inputs(pb))
+    tm = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (out_s, q, k, v)]
+    assert not tm[1].is_contiguous()
+    got = ops_linear.sla_all_op(*tm, w, b, "softmax", 1e-5)
+    want = ops_linear.sla_all_op(out_s, q, k, v, w, b, "softmax", 1e-5)
+    assert rel_err(got, want) < 1e-6
+    monkeypatch.setattr(ops_linear, "SLA_ALL_MAX_HEAD_DIM", 16)
+    monkeypatch.setattr(linear_all, "sla_all_fwd_triton", lambda *a, **kw: pytest.fail("kernel launched"))
+    wide = ops_linear.sla_all_op(out_s, q, k, v, w, b, "softmax", 1e-5)
+    assert rel_err(wide, want) < 1e-5
+
+
 def test_fp16_long_sequence_stays_in_range():
     """fp16 at 70k keys of mean-one values: φ(K)ᵀV reaches ~7e4, past fp16's 65504; the folded
     state is kept per key (÷ Nk), so the output is finite and matches float64."""
