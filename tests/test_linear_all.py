@@ -97,12 +97,12 @@ def test_token_major_inputs_and_wide_heads(monkeypatch):
 
 
 def test_fp16_long_sequence_stays_in_range():
-    """fp16 at 70k keys of mean-one values: φ(K)ᵀV reaches ~7e4, past fp16's 65504; the folded
+    """fp16 at 36k keys of mean-two values: φ(K)ᵀV reaches ~8e4, past fp16's 65504; the folded
     state is kept per key (÷ Nk), so the output is finite and matches float64."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 64, 16, generator=g).half()
-    k = torch.randn(1, 1, 70000, 16, generator=g).half()
-    v = (1.0 + 0.1 * torch.randn(1, 1, 70000, 16, generator=g)).half()
+    k = torch.randn(1, 1, 36000, 16, generator=g).half()
+    v = (2.0 + 0.1 * torch.randn(1, 1, 36000, 16, generator=g)).half()
     out_s = torch.randn(1, 1, 64, 16, generator=g).half()
     w, b = torch.eye(16), torch.zeros(16)
     S, _ = linear_all.total_states(k, v, "elu")
