@@ -163,7 +163,8 @@ def calibrate_hybrid(qkvs, base: sc.SpargeConfig, target: float, shares=HYBRID_S
     (topk = s·(1 − target)) topp is bisected to the target. Only true mixtures (0 < s < 1): the
     rules alone are their own variants, so the comparison with them means something. Candidates
     short of the target are left out; all short (a filter keeps blocks the top-k share cannot
-    drop): the sparsest, top-k alone (share 1) among them. Returns (config, grid rows)."""
+    drop): the sparsest, top-k alone (share 1) among them. Returns (config, grid rows; the pick's
+    row has ``picked``)."""
     qks = [x[:2] for x in qkvs]
     cands = []
     for s in shares:
@@ -176,12 +177,13 @@ def calibrate_hybrid(qkvs, base: sc.SpargeConfig, target: float, shares=HYBRID_S
     ok = [i for i, r in enumerate(grid) if r["error"] is not None]
     if ok:
         best = min(ok, key=lambda i: grid[i]["error"])
-        return cands[best][1], grid
-    alone = calibrate(qks, base, "topk", target, iters)
-    cands.append((1.0, alone))
-    grid.append(dict(share=1.0, mode=alone.mode, topk=alone.topk, topp=alone.topp,
-                     sparsity=mean_sparsity(qks, alone), error=None))
-    best = max(range(len(grid)), key=lambda i: grid[i]["sparsity"])
+    else:
+        alone = calibrate(qks, base, "topk", target, iters)
+        cands.append((1.0, alone))
+        grid.append(dict(share=1.0, mode=alone.mode, topk=alone.topk, topp=alone.topp,
+                         sparsity=mean_sparsity(qks, alone), error=None))
+        best = max(range(len(grid)), key=lambda i: grid[i]["sparsity"])
+    grid[best]["picked"] = True
     return cands[best][1], grid
 
 

@@ -101,6 +101,8 @@ def _sizes(args) -> None:
     if g * g != args.frames:
         raise SystemExit(f"bench quality: --frames {args.frames} is not a square number")
     args.image_size = g * args.frame_size
+    if args.teacher_continue and not args.teacher_ckpt:
+        raise SystemExit("bench quality: --teacher-continue needs --teacher-ckpt (the teacher to go on from)")
     bad = sorted(set(_names(args.variants)) - set(VARIANTS))
     if bad:
         raise SystemExit(f"bench quality: --variants {bad} unknown; choose from {', '.join(VARIANTS)}")
@@ -233,8 +235,8 @@ def attention_ms(cfg, branch_kw, qkv, args) -> dict:
             for p in br.parameters():
                 p.normal_(0, 0.02)   # non-trivial parameters: the branch's whole work runs
         fn = lambda: sc.sparse_linear_attention(q, k, v, br, config=cfg)  # noqa: E731
-    res = {"attn_eager_ms": C.time_fn(fn, q.device)}
-    with torch.no_grad():
+    with torch.no_grad():   # inference timing, eager and graph alike (no autograd records)
+        res = {"attn_eager_ms": C.time_fn(fn, q.device)}
         res["attn_ms"], res["sparse_ms"] = _graph_ms(fn, q.device), _graph_ms(sparse, q.device)
     if res["attn_ms"] is not None and res["sparse_ms"]:
         res["attn_vs_sparse"] = res["attn_ms"] / res["sparse_ms"]
@@ -305,7 +307,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     timing = attention_ms(cfg, branch_kw, ctx["qkv"], args)
     peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp, rule=cfg.mode,
-               topk_share=_share(cfg, grid), calibration_grid=grid,
+               topk_share=_share(grid), calibration_grid=grid,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, **timing, sla_peer_ms=peer)
@@ -315,10 +317,9 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     return row, samples
 
 
-def _share(cfg, grid):
+def _share(grid):
     """The hybrid pick's share of the top-k budget, else None."""
-    return next((r["share"] for r in grid or () if (r["topk"], r["topp"], r["mode"]) ==
-                 (cfg.topk, cfg.topp, cfg.mode)), None)
+    return next((r["share"] for r in grid or () if r.get("picked")), None)
 
 
 COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("topk_share", "top-k share"),

@@ -51,7 +51,7 @@ BRANCH_NAME = "sparge_linear"
 __all__ = ["AnchorHook", "BRANCH_NAME", "COMBINES", "COMBINES_ALL", "FEATURE_MAPS", "LinearBranch",
            "block_states", "combine_outputs", "dropped_states", "enable_linear_branch", "feature_map",
            "linear_attention_all", "linear_attention_dropped", "linear_domain", "route_qk",
-           "sparse_linear_attention", "with_linear"]
+           "sla_all_output", "sparse_linear_attention", "with_linear"]
 
 
 def feature_map(x: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
@@ -156,6 +156,14 @@ def linear_attention_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind
     pq = feature_map(_acc(q), kind)
     den = (pq * pk.sum(-2, keepdim=True)).sum(-1, keepdim=True) + eps
     return (pq @ kv / den).to(q.dtype)
+
+
+def sla_all_output(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
+    """SLA's released form, the definition ``sparge::sla_all`` computes: out_s + proj(O_lin), O_lin
+    the linear attention over all keys (:func:`linear_attention_all`), proj = (weight, bias)."""
+    out_l = linear_attention_all(q, k, v, kind, eps)
+    on = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
+    return combine_outputs(out_s, out_l, on, None, "sla-all", (weight, bias))
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -329,9 +337,7 @@ def with_linear(out_s, q, k, v, kv_num_blocks, kv_indices, scale: float, is_caus
                              "use combine='sla' (over the dropped blocks) for causal attention")
         if kernels.use_triton(q):   # the Triton kernels (kernels/linear_all.py) behind a custom op
             return ops_linear.sla_all_op(out_s, q_lin, k, v, params[0], params[1], feature_map, eps)
-        out_l = linear_attention_all(q_lin, k, v, feature_map, eps)
-        dropped = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
-        return combine_outputs(out_s, out_l, dropped, None, combine, params, num_heads)
+        return sla_all_output(out_s, q_lin, k, v, params[0], params[1], feature_map, eps)
     keep = indices_to_dense(kv_num_blocks, kv_indices, cdiv(k.shape[2], block_k))
     if kernels.use_triton(q):   # the Triton kernels (kernels/linear.py) behind a custom op
         out_l = ops_linear.linear_dropped_op(q_lin, k, v, kv_num_blocks, kv_indices, block_q, block_k,

@@ -98,14 +98,6 @@ def _(params, combine, feature_map, eps, router, num_heads):
     return params[0].new_empty(0)
 
 
-def _sla_all_reference(out_s, q, k, v, weight, bias, feature_map, eps):
-    from .linear_branch import combine_outputs, linear_attention_all
-
-    out_l = linear_attention_all(q, k, v, feature_map, eps)
-    on = torch.ones(out_s.shape[:-1], dtype=torch.bool, device=out_s.device)
-    return combine_outputs(out_s, out_l, on, None, "sla-all", (weight, bias))
-
-
 SLA_ALL_MAX_HEAD_DIM = 128   # sparge::sla_all's kernels up to this head dim (q's and v's)
 
 
@@ -121,8 +113,10 @@ def sla_all_op(out_s: Tensor, q: Tensor, k: Tensor, v: Tensor, weight: Tensor, b
         from .kernels.linear_all import sla_all_fwd_triton
 
         return sla_all_fwd_triton(out_s, q, k, v, weight, bias, feature_map, eps)
+    from .linear_branch import sla_all_output
+
     with torch.no_grad():
-        return _sla_all_reference(out_s, q, k, v, weight, bias, feature_map, eps).contiguous()
+        return sla_all_output(out_s, q, k, v, weight, bias, feature_map, eps).contiguous()
 
 
 @sla_all_op.register_fake
@@ -131,19 +125,19 @@ def _(out_s, q, k, v, weight, bias, feature_map, eps):
 
 
 def _sla_all_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5], inputs[5] if inputs[5] is not None else None)
-    ctx.has_bias = inputs[5] is not None
+    ctx.save_for_backward(*inputs[:6])   # out_s, q, k, v, weight, bias (None saves as None)
     ctx.args = inputs[6:]
 
 
 def _sla_all_backward(ctx, dout):
-    saved = ctx.saved_tensors
+    from .linear_branch import sla_all_output
+
+    xs = [None if x is None else x.detach().requires_grad_() for x in ctx.saved_tensors]
     with torch.enable_grad():
-        xs = [x.detach().requires_grad_() for x in saved[:5]]
-        bias = saved[5].detach().requires_grad_() if ctx.has_bias else None
-        out = _sla_all_reference(*xs, bias, *ctx.args)
-        grads = torch.autograd.grad(out, xs + ([bias] if ctx.has_bias else []), dout)
-    return (*grads[:5], grads[5] if ctx.has_bias else None, None, None)
+        out = sla_all_output(*xs, *ctx.args)
+        live = [x for x in xs if x is not None]
+        grads = iter(torch.autograd.grad(out, live, dout))
+    return (*[None if x is None else next(grads) for x in xs], None, None)
 
 
 sla_all_op.register_autograd(_sla_all_backward, setup_context=_sla_all_setup)

@@ -315,7 +315,8 @@ def test_calibrate_hybrid_picks_the_least_error_mixture():
 @pytest.mark.parametrize("argv,named", [(["--sparsities", "0.95,150"], "--sparsities"),
                                         (["--sparsities", "x"], "--sparsities"),
                                         (["--variants", "hybrid,sla3"], "--variants"),
-                                        (["--frames", "5"], "--frames")])
+                                        (["--frames", "5"], "--frames"),
+                                        (["--teacher-continue"], "--teacher-continue")])
 def test_quality_bad_arguments_name_the_option(argv, named, tmp_path):
     with pytest.raises(SystemExit, match=named):
         _bench("quality", "--quick", *argv, "--out", str(tmp_path))

@@ -11,14 +11,15 @@ docs/results/2026-12-04d-h200/; none won.)
 import itertools
 import json
 import os
+from pathlib import Path
 
 import torch
 import triton
 
+from bench import output as O
 from sparge_compile import kernels
 from sparge_compile import linear_branch as lb
 from sparge_compile.kernels import forward, linear_all
-from sparge_compile.ops_linear import _sla_all_reference
 
 B, H, N, D = 1, 12, 32768, 128
 
@@ -62,7 +63,7 @@ def main():
     linear_all.STATES_LAUNCH.update({c: res["best_states"][c] for c in ("block_n", "num_warps", "programs", "num_stages")})
     args = (q, k, v, num, idx, D ** -0.5, False, 128, 64)
     out_s, _ = forward.attention_fwd_triton(*args)
-    want = _sla_all_reference(out_s.float(), q.float(), k.float(), v.float(), w, bias, "softmax", 1e-5)
+    want = lb.sla_all_output(out_s.float(), q.float(), k.float(), v.float(), w, bias, "softmax", 1e-5)
     folded = linear_all.folded_states(k, v, w, bias)
 
     def term(cfg):
@@ -77,10 +78,7 @@ def main():
     res["sparse_plus_term_ms"] = bench(lambda: linear_all.sla_all_fwd_triton(forward.attention_fwd_triton(*args)[0], q, k, v, w, bias))
     res["ratio"] = res["sparse_plus_term_ms"] / res["sparse_fwd_ms"]
     print(json.dumps({k_: v_ for k_, v_ in res.items() if k_ not in ("states", "term")}, indent=1), flush=True)
-    out = os.environ.get("OUT", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "linear_all_probe.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    O.write_json(Path(os.environ.get("OUT", "out")) / "linear_all_probe.json", res)
 
 
 if __name__ == "__main__":

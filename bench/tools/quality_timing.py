@@ -7,13 +7,14 @@ branches: whether the GPU time is stable where the eager one was not.
 """
 from __future__ import annotations
 
-import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 import sparge_compile as sc
+from bench import output as O
 from bench.quality import attention_ms
 
 
@@ -30,10 +31,7 @@ def main() -> None:
         for name, kw in (("sparse", None), ("sla", {"combine": "sla"}), ("sla-all", {"combine": "sla-all"})):
             rows.append({"round": rnd, "variant": name, **attention_ms(cfg, kw, (q, k, v), args)})
             print(rows[-1], flush=True)
-    out = os.environ.get("OUT", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "quality_timing.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    O.write_json(Path(os.environ.get("OUT", "out")) / "quality_timing.json", {"rows": rows})
 
 
 if __name__ == "__main__":

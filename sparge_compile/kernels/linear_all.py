@@ -124,19 +124,19 @@ def folded_states(k, v, weight, bias, kind: str = "softmax", **launch):
     (each one's launch shows at this size)."""
     S, z = total_states(k, v, kind, **launch)
     Dv, BLOCK_DV = v.shape[-1], S.shape[-1]
-    w = weight.float() * (1.0 / max(k.shape[2], 1))
+    per_key = 1.0 / max(k.shape[2], 1)
+    w = weight.float() * per_key
     if Dv != BLOCK_DV:   # a padded head-dim tile: W and b padded with zeros
         w = torch.nn.functional.pad(w, (0, BLOCK_DV - Dv, 0, BLOCK_DV - Dv))
     b = torch.zeros(BLOCK_DV, device=k.device) if bias is None else torch.nn.functional.pad(
         bias.float(), (0, BLOCK_DV - Dv))
     dtype = k.dtype if k.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    return torch.matmul(S, w.t()).to(dtype), z * (1.0 / max(k.shape[2], 1)), b
+    return torch.matmul(S, w.t()).to(dtype), z * per_key, b
 
 
 def sla_all_fwd_triton(out_s, q, k, v, weight, bias, kind: str = "softmax", eps: float = 1e-5):
     """O_sparse + proj(linear attention over all keys), (B, Hq, Nq, Dv) in out_s's dtype.
     weight (Dv, Dv), bias (Dv,) or None: proj's. q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv)."""
-    _check_kind(kind)
     return add_term(out_s, q, *folded_states(k, v, weight, bias, kind), kind, eps / max(k.shape[2], 1))
 
 
