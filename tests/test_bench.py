@@ -407,3 +407,20 @@ def test_models_quick(tmp_path):
 def test_models_bad_arguments_name_the_option(argv, name, tmp_path):
     with pytest.raises(SystemExit, match=name):
         _bench("models", "--quick", *argv, "--out", str(tmp_path))
+
+
+def test_kernel_categories_keep_inductor_prep_out_of_dense_attention():
+    """Kernel names as the H200 profile of the Flux step has them (docs/results/2026-12-04e-h200):
+    cuDNN's SDPA kernel is dense attention; inductor's norm/RoPE kernel that feeds it (named after
+    the SDPA op it precedes) is not, so the dense attention time is the attention kernels' own."""
+    from bench import kernel_times as KT
+
+    cudnn = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7"
+    assert KT.category(cudnn) == "dense attention"
+    assert KT.category("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy") \
+        == KT.OTHER
+    assert KT.category("_fwd_kernel") == "sparse attention"
+    assert KT.category("_select_kernel") == "mask prediction"
+    kernels = {"cudnn_sdpa_flash": [2.0, 4], "triton_poi_fused_scaled_dot_product_attention": [1.0, 4],
+               "nvjet_gemm": [3.0, 8]}
+    assert KT.by_category(kernels) == {"dense attention": 2.0, KT.OTHER: 1.0, "matmul": 3.0}

@@ -11,33 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 import sparge_compile as sc
+from bench import kernel_times as K
 from bench import model_steps as M
 from bench.common import allow_broken_torchvision
 
-CATEGORIES = [("mask prediction", ("_pool", "_scores", "_select", "block_mask", "pool_blocks")),
-              ("sparse attention", ("_fwd_kernel", "_attn_fwd", "sparse_attn", "_forward")),
-              ("dense attention", ("flash", "fmha", "attention", "sdpa")),
-              ("matmul", ("gemm", "sm90", "cutlass", "nvjet", "mm_", "_mm", "matmul", "scaled_mm")),
-              ("copy / layout", ("copy", "clone", "transpose", "contiguous"))]
-
-
-def category(name: str) -> str:
-    low = name.lower()
-    for cat, keys in CATEGORIES:
-        if any(k in low for k in keys):
-            return cat
-    return "other (inductor fused pointwise/norm)"
-
 
 def profile_step(model, inp) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     with torch.no_grad():
         for _ in range(3):
             model(**inp)
@@ -48,20 +32,11 @@ def profile_step(model, inp) -> dict:
         end.record()
         torch.cuda.synchronize()
         wall = start.elapsed_time(end)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(**inp)
-            torch.cuda.synchronize()
-    kernels, cats = defaultdict(lambda: [0.0, 0]), defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            ms = e.device_time / 1e3
-            kernels[e.name][0] += ms
-            kernels[e.name][1] += 1
-            cats[category(e.name)] += ms
+        kernels = K.kernel_ms(lambda: model(**inp))
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
     return dict(step_ms=wall, gpu_ms=sum(v[0] for v in kernels.values()),
-                launches=sum(v[1] for v in kernels.values()), by_category=dict(cats),
-                top=[dict(name=n[:120], ms=v[0], calls=v[1], category=category(n)) for n, v in top])
+                launches=sum(v[1] for v in kernels.values()), by_category=K.by_category(kernels),
+                top=[dict(name=n[:120], ms=v[0], calls=v[1], category=K.category(n)) for n, v in top])
 
 
 def main() -> None:
