@@ -293,6 +293,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     attach_branches(module, args, branch_kw)
     student, be = make_student(module, cfg, args.inner)
     before = D.measure(student, ctx["ev"], ctx["ref"], ctx["amp"], args.sample_steps)
+    sp_before = D.site_sparsity(be)   # top-p's drifts in distill: the student's scores sharpen
     t0 = time.perf_counter()
     res = sc.distill(module, ctx["inputs"], steps=args.distill_steps, lr=args.distill_lr, config=cfg,
                      optimizer=_optimizer(module, args), teacher=ctx["teacher"],
@@ -308,7 +309,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp, rule=cfg.mode,
                topk_share=_share(grid), calibration_grid=grid,
-               sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg),
+               sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg), sparsity_before=sp_before,
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                loss_first=res.losses[0], loss_last=res.losses[-1], distill_s=secs, **timing, sla_peer_ms=peer)
     print(f"{target:.2f} {name}: sparsity {row['sparsity']:.3f}; vel err {row['vel_err_before']:.4f} -> "
@@ -323,7 +324,7 @@ def _share(grid):
 
 
 COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("topk_share", "top-k share"),
-           ("sparsity", "sparsity"),
+           ("sparsity_before", "sparsity training-free"), ("sparsity", "sparsity distilled"),
            ("vel_err_before", "vel err training-free"), ("vel_err_after", "vel err distilled"),
            ("psnr_before", "PSNR training-free (dB)"), ("psnr_after", "PSNR distilled (dB)"),
            ("attn_ms", "attention GPU ms"), ("attn_vs_sparse", "vs sparse kernel"),

@@ -273,6 +273,7 @@ def test_quality(tmp_path):
     assert [(x["sparsity_target"], x["variant"]) for x in r["rows"]] == [(0.9, "hybrid"), (0.9, "sla2")]
     hyb, sla2 = r["rows"]
     assert hyb["vel_err_before"] == sla2["vel_err_before"]   # the branch starts as the identity
+    assert all(0 < x["sparsity_before"] < 1 and 0 < x["sparsity"] < 1 for x in r["rows"])
     assert hyb["vel_err_after"] != sla2["vel_err_after"]     # ... and distill trained it
     assert 0.0 <= r["teacher_quality"]["class_acc_samples"] <= 1.0 and r["teacher_quality"]["edge_ratio"] > 0
     assert ck.exists() and r["teacher"]["steps"] == 3
