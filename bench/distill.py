@@ -206,9 +206,20 @@ def run_model(fn, ev, amp, sample_steps):
 
 
 def measure(fn, ev, ref, amp, sample_steps) -> dict:
+    """Velocity and sample errors against the teacher's; psnr: of all samples together; psnr_each:
+    per sample (the same noise for every variant: paired comparisons, :func:`paired`)."""
     v, s = run_model(fn, ev, amp, sample_steps)
     return dict(vel_err=C.rel_l2(v, ref["v"]), sample_err=C.rel_l2(s, ref["samples"]),
-                psnr=psnr(s, ref["samples"]), samples=s)
+                psnr=psnr(s, ref["samples"]), psnr_each=[psnr(a, b) for a, b in zip(s, ref["samples"])],
+                samples=s)
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of a - b over paired samples (the same noise)."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+    return mean, math.sqrt(var / len(d))
 
 
 def site_sparsity(be) -> float | None:

@@ -332,8 +332,28 @@ COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("topk_share",
            ("sla_peer_ms", "thu-ml/SLA ms (its top-k mask)"), ("distill_s", "distill s")]
 
 
+def paired_rows(rows) -> list[dict]:
+    """Per target, each variant against the first one run there (hybrid by default): the mean
+    per-sample PSNR difference of the distilled students and its standard error (same noise)."""
+    out = []
+    for r in rows:
+        base = next(x for x in rows if x["sparsity_target"] == r["sparsity_target"])
+        if r is base or not r.get("psnr_each_after"):
+            continue
+        diff, se = D.paired(r["psnr_each_after"], base["psnr_each_after"])
+        out.append(dict(sparsity_target=r["sparsity_target"], variant=r["variant"], against=base["variant"],
+                        psnr_diff_db=diff, se_db=se, samples=len(r["psnr_each_after"])))
+    return out
+
+
+PAIRED_COLUMNS = [("sparsity_target", "target"), ("variant", "student"), ("against", "against"),
+                  ("psnr_diff_db", "PSNR difference, distilled (dB)"), ("se_db", "standard error (dB)"),
+                  ("samples", "samples")]
+
+
 def write(args, tinfo, quality, rows, grid, total, device, out: Path) -> dict:
-    tab = O.table(rows, COLUMNS)
+    pairs = paired_rows(rows)
+    tab = O.table(rows, COLUMNS) + ("\n\n" + O.table(pairs, PAIRED_COLUMNS) if pairs else "")
     head = (f"DiT on {args.frames}-frame clips of {args.frame_size}x{args.frame_size} ({args.image_size}x"
             f"{args.image_size} mosaic, patch {args.patch}: {(args.image_size // args.patch) ** 2} tokens); "
             f"teacher {tinfo['steps']} steps (loss {tinfo['final_loss']:.4f}), its samples: a data-trained "
@@ -345,7 +365,7 @@ def write(args, tinfo, quality, rows, grid, total, device, out: Path) -> dict:
             f"total {total:.0f} s")
     print("\n" + head + "\n" + tab, flush=True)
     result = dict(env=C.environment(device), args=vars(args), teacher=tinfo, teacher_quality=quality,
-                  rows=rows, total_s=total, command=O.command_line())
+                  rows=rows, paired=pairs, total_s=total, command=O.command_line())
     O.write_result(out, "quality", "Sparse variants at 95% / 97%, training-free and distilled", result,
                    [("Result", head + "\n\n" + tab)])
     n = min(8, args.eval_n)

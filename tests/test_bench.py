@@ -274,6 +274,11 @@ def test_quality(tmp_path):
     hyb, sla2 = r["rows"]
     assert hyb["vel_err_before"] == sla2["vel_err_before"]   # the branch starts as the identity
     assert all(0 < x["sparsity_before"] < 1 and 0 < x["sparsity"] < 1 for x in r["rows"])
+    (pair,) = r["paired"]   # sla2 against hybrid, per sample on the same noise
+    assert (pair["variant"], pair["against"]) == ("sla2", "hybrid")
+    assert pair["samples"] == len(hyb["psnr_each_after"]) > 1
+    each = [a - b for a, b in zip(sla2["psnr_each_after"], hyb["psnr_each_after"])]
+    assert pair["psnr_diff_db"] == pytest.approx(sum(each) / len(each)) and pair["se_db"] >= 0
     assert hyb["vel_err_after"] != sla2["vel_err_after"]     # ... and distill trained it
     assert 0.0 <= r["teacher_quality"]["class_acc_samples"] <= 1.0 and r["teacher_quality"]["edge_ratio"] > 0
     assert ck.exists() and r["teacher"]["steps"] == 3
@@ -321,6 +326,13 @@ def test_calibrate_hybrid_picks_the_least_error_mixture():
 def test_quality_bad_arguments_name_the_option(argv, named, tmp_path):
     with pytest.raises(SystemExit, match=named):
         _bench("quality", "--quick", *argv, "--out", str(tmp_path))
+
+
+def test_paired_difference_and_its_standard_error():
+    from bench.distill import paired
+
+    mean, se = paired([3.0, 5.0], [1.0, 1.0])   # differences 2, 4: sd sqrt(2), se 1
+    assert mean == pytest.approx(3.0) and se == pytest.approx(1.0)
 
 
 def test_shape_clips_move_one_shape():
