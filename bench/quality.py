@@ -15,7 +15,8 @@ training-free and distilled, on a DiT trained on video-like clips (issue 19).
    plus the linear branch over the dropped blocks: SLA's combination, SLA2's gate and router;
    ``sc.enable_linear_branch``), ``sla-all`` (SLA's released code: its linear branch over all
    keys); ``theta`` (hybrid + SpargeAttn's self-similarity judge) and ``pv`` (hybrid + its
-   in-kernel P·V filter).
+   in-kernel P·V filter); ``int8`` and ``fp8`` (hybrid's config with the low-bit forward and its
+   bf16 gradient, QAT). A paired table compares each variant with the first at its target.
 3. Each variant's attention time on one layer's q/k/v of the teacher at the eval batch (CUDA only,
    ``triton.testing.do_bench``), and its ratio to the plain sparse kernel on the same config.
 
@@ -56,7 +57,11 @@ VARIANTS = {
     "sla": ("hybrid", {}, dict(combine="sla")), "sla2": ("hybrid", {}, dict(combine="sla2", router=True)),
     "sla-all": ("hybrid", {}, dict(combine="sla-all")),
     "theta": ("hybrid", {"theta": "theta"}, None), "pv": ("hybrid", {"pv_threshold": "pv_lambda"}, None),
+    "int8": ("hybrid", {}, None), "fp8": ("hybrid", {}, None),
 }
+# low-bit forwards (QAT: the bf16 gradient) on hybrid's own calibrated mask config: only the
+# forward's arithmetic differs from the hybrid row
+PRECISION = {"int8": "int8", "fp8": "fp8"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -199,8 +204,8 @@ def variant_config(args, name, ctx, target) -> tuple[sc.SpargeConfig, list | Non
     """The variant's config at mean sparsity >= target on the calibration batch's q/k/v (a
     training batch, not the eval one): top-k / top-p bisected; the hybrid-rule variants (with their
     filters) by :func:`bench.distill.calibrate_hybrid`, the least training-free error over the
-    top-k share, with its grid. Cached per (rule, filters, target): sla / sla2 / sla-all get
-    hybrid's config."""
+    top-k share, with its grid. Cached per (rule, filters, target): sla / sla2 / sla-all and the
+    low-bit variants (:data:`PRECISION`) get hybrid's config, the latter with their precision."""
     mode, extra, _ = VARIANTS[name]
     base = ctx["base"].replace(**{k: getattr(args, v) for k, v in extra.items()})
     key = (mode, tuple(sorted(extra)), target)
@@ -208,7 +213,8 @@ def variant_config(args, name, ctx, target) -> tuple[sc.SpargeConfig, list | Non
         qks = [x[:2] for x in ctx["cal_qkv"]]
         ctx["configs"][key] = (D.calibrate_hybrid(ctx["cal_qkv"], base, target) if mode == "hybrid"
                                else (D.calibrate(qks, base, mode, target), None))
-    return ctx["configs"][key]
+    cfg, grid = ctx["configs"][key]
+    return (cfg.replace(precision=PRECISION[name]), grid) if name in PRECISION else (cfg, grid)
 
 
 def attach_branches(module, args, branch_kw) -> None:
@@ -308,6 +314,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     timing = attention_ms(cfg, branch_kw, ctx["qkv"], args)
     peer = sla_peer_ms(ctx["qkv"], target, args) if name in ("sla", "sla-all") else None
     row = dict(sparsity_target=target, variant=name, topk=cfg.topk, topp=cfg.topp, rule=cfg.mode,
+               precision=cfg.precision,
                topk_share=_share(grid), calibration_grid=grid,
                sparsity=D.site_sparsity(be) or D.mean_sparsity(ctx["qks"], cfg), sparsity_before=sp_before,
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},

@@ -437,3 +437,20 @@ def test_kernel_categories_keep_inductor_prep_out_of_dense_attention():
     kernels = {"cudnn_sdpa_flash": [2.0, 4], "triton_poi_fused_scaled_dot_product_attention": [1.0, 4],
                "nvjet_gemm": [3.0, 8]}
     assert KT.by_category(kernels) == {"dense attention": 2.0, KT.OTHER: 1.0, "matmul": 3.0}
+
+
+def test_quality_lowbit_variants_share_hybrids_mask_config():
+    """bench quality's int8 / fp8 students run hybrid's calibrated mask rule; only the forward's
+    arithmetic differs, so their rows compare precision alone."""
+    from types import SimpleNamespace
+
+    import sparge_compile as sc
+    from bench.quality import variant_config
+
+    hyb = sc.SpargeConfig(topk=0.02, topp=0.1, min_seq_len=0)
+    cache = {("hybrid", (), 0.95): (hyb, ["grid"])}
+    ctx = dict(base=sc.SpargeConfig(min_seq_len=0), cal_qkv=[], configs=cache)
+    for name in ("int8", "fp8"):
+        cfg, grid = variant_config(SimpleNamespace(), name, ctx, 0.95)
+        assert cfg.precision == name and cfg.replace(precision="bf16") == hyb and grid == ["grid"]
+    assert variant_config(SimpleNamespace(), "hybrid", ctx, 0.95)[0] is hyb
