@@ -80,6 +80,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-k", type=int, default=64)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=5e-5)
+    p.add_argument("--distill-schedule", default="constant", choices=("constant", "cosine"),
+                   help="distill's lr_schedule (cosine: each group's lr down to 0 at the last step)")
+    p.add_argument("--distill-warmup", type=int, default=0, help="distill's warmup_steps")
     p.add_argument("--branch-lr", type=float, default=1e-3, help="lr of the linear branches' parameters "
                    "(zero at init: at the model's lr they barely move in a short distillation)")
     p.add_argument("--distill-batch", type=int, default=8)
@@ -302,6 +305,7 @@ def one_variant(args, name, target, ctx) -> tuple[dict, torch.Tensor]:
     sp_before = D.site_sparsity(be)   # top-p's drifts in distill: the student's scores sharpen
     t0 = time.perf_counter()
     res = sc.distill(module, ctx["inputs"], steps=args.distill_steps, lr=args.distill_lr, config=cfg,
+                     lr_schedule=args.distill_schedule, warmup_steps=args.distill_warmup,
                      optimizer=_optimizer(module, args), teacher=ctx["teacher"],
                      compile_fn=lambda m, c, s=student, b=be: (s, b),
                      amp_dtype=torch.bfloat16 if ctx["device"].type == "cuda" else None,
@@ -367,7 +371,8 @@ def write(args, tinfo, quality, rows, grid, total, device, out: Path) -> dict:
             f"classifier names {quality['class_acc_samples']:.0%} of them their class "
             f"({quality['class_acc_data']:.0%} of data clips), edge energy {quality['edge_ratio']:.2f}x the "
             f"data's; {args.distill_steps} distill steps at lr {args.distill_lr} (branches "
-            f"{args.branch_lr}), batch {args.distill_batch}; "
+            f"{args.branch_lr}; {args.distill_schedule}, warm-up {args.distill_warmup}), batch "
+            f"{args.distill_batch}; "
             f"errors vs the dense teacher ({args.eval_n} inputs / samples, {args.sample_steps} Euler steps); "
             f"total {total:.0f} s")
     print("\n" + head + "\n" + tab, flush=True)

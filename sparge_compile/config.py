@@ -129,12 +129,19 @@ def _check_theta(theta) -> float:
 DEFAULT_CONFIG = SpargeConfig()
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class DistillConfig(_Replace):
     """The training settings of :func:`sparge_compile.distill` (frozen, validated on construction).
 
     steps: optimizer steps in all (a resumed run counts the checkpoint's steps).
     lr: AdamW learning rate (the paper: 1e-5), used when distill() builds the optimizer.
+    lr_schedule: "constant" (default) or "cosine": each param group's lr (its own, also for an
+        optimizer you pass) times a factor of the step alone, from 1 down to 0 at ``steps``
+        (so a resumed run follows the same curve).
+    warmup_steps: steps of linear warm-up from lr/warmup_steps to lr before the schedule (0: none).
     loss: "mse" (mean squared difference of every output tensor), "l1", or a
         callable(student_out, teacher_out) -> scalar tensor.
     grad_accum: micro-batches per optimizer step (the loss is their mean).
@@ -168,6 +175,8 @@ class DistillConfig(_Replace):
 
     steps: int
     lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     loss: str | Callable = "mse"
     grad_accum: int = 1
     amp_dtype: torch.dtype | None = None
@@ -188,6 +197,9 @@ class DistillConfig(_Replace):
         own = "DistillConfig."
         check_int(own + "steps", self.steps, 0)
         object.__setattr__(self, "lr", _check_number(own + "lr", self.lr))
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{own}lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        check_int(own + "warmup_steps", self.warmup_steps, 0)
         if not (callable(self.loss) or self.loss in ("mse", "l1")):
             raise ValueError(f"{own}loss must be 'mse', 'l1' or a callable(student_out, teacher_out), "
                              f"got {self.loss!r}")

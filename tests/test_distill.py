@@ -116,6 +116,35 @@ def test_resume_matches_uninterrupted(tmp_path, torch_path, kind):
     assert again.step == 4 and again.losses == full.losses
 
 
+def test_cosine_schedule_with_warmup_and_its_resume(tmp_path, torch_path):
+    """lr_schedule="cosine" with warm-up: each step's lr is the base lr times the warm-up ramp,
+    then a half cosine to 0 at the last step; a run cut after step 3 and resumed follows the same
+    lr curve, losses and weights as the uninterrupted one."""
+    import math
+
+    kw = dict(FAST, steps=6, lr=1e-2, lr_schedule="cosine", warmup_steps=2, checkpoint_every=1)
+    lrs = []
+    full = sc.distill(make_model(), batch, checkpoint_dir=tmp_path / "full",
+                      callback=lambda info: lrs.append(info.lr), **kw)
+    cos = [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    assert lrs == pytest.approx([1e-2 * f for f in (0.5, 1.0, *cos)])
+
+    cut_lrs = []
+    def stop_at_3(info):
+        cut_lrs.append(info.lr)
+        if info.step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sc.distill(make_model(), batch, checkpoint_dir=tmp_path / "cut", callback=stop_at_3, **kw)
+    resumed = sc.distill(make_model(), batch, checkpoint_dir=tmp_path / "cut",
+                         callback=lambda info: cut_lrs.append(info.lr), **kw)
+    assert cut_lrs == pytest.approx(lrs) and resumed.losses == full.losses
+    for (k, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), k
+    const = sc.distill(make_model(), batch, **dict(kw, lr_schedule="constant", warmup_steps=0))
+    assert const.losses != full.losses   # the schedule changed the run
+
+
 def test_interrupted_write_never_corrupts(tmp_path, torch_path, monkeypatch):
     ckdir = tmp_path / "ck"
     sc.distill(make_model(), batch, steps=2, checkpoint_every=1, checkpoint_dir=ckdir, **FAST)

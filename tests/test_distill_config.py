@@ -60,6 +60,8 @@ def test_signature_defaults_are_the_config_defaults(cls, call, arg):
     ({"amp_dtype": "bf16"}, TypeError, "amp_dtype"), ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
     ({"checkpoint_dir": 3}, TypeError, "checkpoint_dir"), ({"resume": "no"}, TypeError, "resume"),
     ({"seed": 1.5}, TypeError, "seed"), ({"on_interrupt": "exit"}, ValueError, "on_interrupt"),
+    ({"lr_schedule": "linear"}, ValueError, "lr_schedule"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps"),
 ])
 def test_distill_config_names_the_bad_field(kw, exc, field):
     with pytest.raises(exc, match=rf"DistillConfig\.{field}\b"):

@@ -22,7 +22,8 @@ _SETTINGS = tuple(f.name for f in dataclasses.fields(DistillConfig))
 
 
 def distill(model: nn.Module, inputs, *, steps: int | None = None, lr: float = 1e-5,
-            config: SpargeConfig | None = None, optimizer=None, loss: str | Callable = "mse", trainable=None,
+            lr_schedule: str = "constant", warmup_steps: int = 0, config: SpargeConfig | None = None,
+            optimizer=None, loss: str | Callable = "mse", trainable=None,
             grad_accum: int = 1, amp_dtype: torch.dtype | None = None, max_grad_norm: float | None = None,
             checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
             resume: bool = True, log_every: int = 10, progress: bool = True,
@@ -44,8 +45,8 @@ def distill(model: nn.Module, inputs, *, steps: int | None = None, lr: float = 1
         skipped, so it must yield the same sequence each time). A batch is called as
         ``model(*batch)`` for a tuple/list, ``model(**batch)`` for a dict, ``model(batch)``
         otherwise; its tensors are moved to the model's device.
-    steps, lr, loss, grad_accum, amp_dtype, max_grad_norm, checkpoint_dir, checkpoint_every,
-    resume, log_every, progress, seed, backend_inner, inplace, train_mode, check_rewrite,
+    steps, lr, lr_schedule, warmup_steps, loss, grad_accum, amp_dtype, max_grad_norm, checkpoint_dir,
+    checkpoint_every, resume, log_every, progress, seed, backend_inner, inplace, train_mode, check_rewrite,
     on_interrupt: the training settings, documented on :class:`DistillConfig`; or pass them all
         as ``distill_config=DistillConfig(steps=..., ...)`` (then leave these at their defaults).
     config: the SpargeConfig of the sparse attention (default SpargeConfig()).

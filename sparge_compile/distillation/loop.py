@@ -101,6 +101,7 @@ def _one_step(run: Run) -> float:
         opt.zero_grad(set_to_none=True)
         raise err
     with _sigint_deferred():
+        set_lr(opt, s, run.step)
         _apply_update(opt, run.scaler, run.params, s.max_grad_norm, norm)
         run.step += 1
         run.result.losses.append(step_loss)
@@ -184,6 +185,29 @@ def _nonfinite_grads_error(run: Run, norm: float) -> NonFiniteLossError:
         f"loss is finite, in {names or 'no parameter found'}; stopped before updating the weights; "
         f"{run.where_saved()}. Look for an op whose backward overflows (try amp_dtype=torch.bfloat16 "
         "instead of float16, or a lower lr).")
+
+
+def lr_factor(s: DistillConfig, step: int) -> float:
+    """The factor on each param group's own lr at optimizer step ``step`` (0-based): linear
+    warm-up over ``warmup_steps``, then 1 ("constant") or a half cosine down to 0 at ``steps``."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.lr_schedule == "constant":
+        return 1.0
+    t = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def set_lr(opt, s: DistillConfig, step: int) -> None:
+    """Each group's lr = its own (``initial_lr``, kept in the optimizer's state as torch's
+    schedulers keep it, so a resumed run sees it) times :func:`lr_factor`. Nothing for a
+    constant schedule without warm-up: the optimizer's lr is left as given."""
+    if s.lr_schedule == "constant" and not s.warmup_steps:
+        return
+    factor = lr_factor(s, step)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
 
 
 def _apply_update(opt, scaler, params, max_grad_norm: float | None, norm: torch.Tensor | None) -> None:
