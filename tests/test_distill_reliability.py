@@ -158,7 +158,8 @@ def test_checkpoint_keeps_previous(tmp_path):
 # 4. Changed settings on resume
 
 
-@pytest.mark.parametrize("changed", [{"grad_accum": 2}, {"seed": 1}])
+@pytest.mark.parametrize("changed", [{"grad_accum": 2}, {"seed": 1}, {"lr_schedule": "cosine"},
+                                     {"warmup_steps": 3}])
 def test_resume_with_changed_grad_accum_or_seed_warns(tmp_path, changed):
     sc.distill(make_model(), batch, steps=1, checkpoint_dir=tmp_path, **FAST)
     (name, value), = changed.items()

@@ -173,10 +173,25 @@ def open_checkpoint(settings: DistillConfig, module: nn.Module, opt, scaler, con
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         start.step, start.losses, start.rng = int(state["step"]), list(state["losses"]), state["rng"]
-        _warn_changed(path, state, config, {"grad_accum": settings.grad_accum, "seed": settings.seed})
+        _warn_changed(path, state, config, {name: getattr(settings, name) for name in WARNED})
         logger.info("distill: resumed from %s at step %d", path, start.step)
     start.saved = str(path) if path.exists() else None
     return start
+
+
+WARNED = ("grad_accum", "seed", "lr_schedule", "warmup_steps")   # settings a resume warns about
+
+
+def _why(name: str, start: int, old, now) -> str:
+    if name == "grad_accum":
+        return (f"this run skips {start} x {now} micro-batches of `inputs` (the checkpoint used {start} x "
+                f"{old}) and accumulates {now} per step, so it matches an uninterrupted run with neither "
+                "setting")
+    if name == "seed":
+        return ("the checkpoint's RNG state is restored, so the run continues the old seed's random stream; "
+                "the new seed reaches only what draws before that (a shuffled DataLoader's order), "
+                "which breaks an exact resume")
+    return "the learning rate follows the new curve from this step on, not the checkpoint's"
 
 
 def _warn_changed(path: Path, state: dict, config: SpargeConfig, settings: dict) -> None:
@@ -188,14 +203,8 @@ def _warn_changed(path: Path, state: dict, config: SpargeConfig, settings: dict)
     for name, now in settings.items():
         if name in state and state[name] != now:
             old = state[name]
-            why = (f"this run skips {start} x {now} micro-batches of `inputs` (the checkpoint used {start} x "
-                   f"{old}) and accumulates {now} per step, so it matches an uninterrupted run with neither "
-                   "setting" if name == "grad_accum" else
-                   "the checkpoint's RNG state is restored, so the run continues the old seed's "
-                   "random stream; "
-                   "the new seed reaches only what draws before that (a shuffled DataLoader's order), "
-                   "which breaks an exact resume")
-            warn_user(f"resuming from {path} written with {name}={old}, now {name}={now}: {why}")
+            warn_user(f"resuming from {path} written with {name}={old}, now {name}={now}: "
+                      f"{_why(name, start, old, now)}")
 
 
 def _load_for_resume(path: Path) -> dict:

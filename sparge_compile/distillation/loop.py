@@ -272,7 +272,8 @@ def save(run: Run, step: int, rng: dict) -> None:
              "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng,
              "losses": list(run.result.losses), "config": dataclasses.asdict(run.config),
-             "seed": s.seed, "grad_accum": s.grad_accum}
+             "seed": s.seed, "grad_accum": s.grad_accum, "lr_schedule": s.lr_schedule,
+             "warmup_steps": s.warmup_steps}
     save_checkpoint_atomic(state, run.ckpt_path, keep_previous=run.ckpt_path.parent / PREV_CHECKPOINT_NAME)
     run.last_saved_step = step
     run.result.checkpoint_path = str(run.ckpt_path)
