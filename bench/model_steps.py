@@ -75,6 +75,11 @@ def float8_linears(model) -> None:
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fits)
 
 
+def step_inputs(name: str, quick: bool, device, dtype) -> dict:
+    """The model's step inputs (its config's sizes, random values) on ``device``."""
+    return inputs(name, build(name, quick, "cpu", torch.float32)[1], quick, device, dtype)
+
+
 def inputs(name: str, kw: dict, quick: bool, device, dtype) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
 
@@ -164,10 +169,10 @@ def compile_blockwise(model, backend, mode: str = "default"):
     return model
 
 
-def compiled_step(build_model, backend, mode, inp, device, reps) -> dict:
+def compiled_step(build_model, backend, mode, inp, device, reps, profile: bool = True) -> dict:
     """A fresh model compiled block-wise: first (compile seconds), ms (step), out, host (ms) and,
-    on CUDA, attn_gpu: the GPU ms of the dense attention kernels in one profiled step (None
-    elsewhere)."""
+    with ``profile`` on CUDA, attn_gpu: the GPU ms of the dense attention kernels in one profiled
+    step (None otherwise)."""
     torch._dynamo.reset()
     model = compile_blockwise(build_model(), backend, mode)
     with torch.no_grad():
@@ -178,7 +183,7 @@ def compiled_step(build_model, backend, mode, inp, device, reps) -> dict:
         first = time.perf_counter() - t0
         ms = step_ms(lambda: model(**inp), device, reps)
         host = host_ms(lambda: model(**inp), device, reps)
-        attn = K.dense_attention_ms(lambda: model(**inp)) if device.type == "cuda" else None
+        attn = K.dense_attention_ms(lambda: model(**inp)) if profile and device.type == "cuda" else None
     return dict(first=first, ms=ms, out=out.float(), host=host, attn_gpu=attn)
 
 
@@ -188,14 +193,13 @@ def _sparsity(be) -> float | None:
 
 
 def model_rows(name, a, device, dtype) -> list[dict]:
-    kw = build(name, a.quick, "cpu", torch.float32)[1]
-    inp = inputs(name, kw, a.quick, device, dtype)
+    inp = step_inputs(name, a.quick, device, dtype)
     mk = lambda: build(name, a.quick, device, dtype)[0]  # noqa: E731
     rows, reps = [], max(3, a.reps // 3) if name == "wan" else a.reps   # Wan: ~0.2-0.5 s a step
     d = compiled_step(mk, "inductor", "default", inp, device, reps)
     dense, ref = d["ms"], d["out"]
     with no_attention():
-        noop = compiled_step(mk, "inductor", "default", inp, device, reps)["ms"]
+        noop = compiled_step(mk, "inductor", "default", inp, device, reps, profile=False)["ms"]
     attn = dict(noop=max(dense - noop, 0.0), gpu=d["attn_gpu"])
     main = attn["gpu"] if attn["gpu"] is not None else attn["noop"]
     rows.append(dict(model=name, variant="inductor dense", step_ms=dense, host_ms=d["host"],

@@ -109,6 +109,8 @@ def _sizes(args) -> None:
     if g * g != args.frames:
         raise SystemExit(f"bench quality: --frames {args.frames} is not a square number")
     args.image_size = g * args.frame_size
+    if args.distill_warmup < 0:
+        raise SystemExit(f"bench quality: --distill-warmup must be >= 0 steps, got {args.distill_warmup}")
     if args.teacher_continue and not args.teacher_ckpt:
         raise SystemExit("bench quality: --teacher-continue needs --teacher-ckpt (the teacher to go on from)")
     bad = sorted(set(_names(args.variants)) - set(VARIANTS))

@@ -322,7 +322,8 @@ def test_calibrate_hybrid_picks_the_least_error_mixture():
                                         (["--sparsities", "x"], "--sparsities"),
                                         (["--variants", "hybrid,sla3"], "--variants"),
                                         (["--frames", "5"], "--frames"),
-                                        (["--teacher-continue"], "--teacher-continue")])
+                                        (["--teacher-continue"], "--teacher-continue"),
+                                        (["--distill-warmup", "-1"], "--distill-warmup")])
 def test_quality_bad_arguments_name_the_option(argv, named, tmp_path):
     with pytest.raises(SystemExit, match=named):
         _bench("quality", "--quick", *argv, "--out", str(tmp_path))

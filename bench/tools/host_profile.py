@@ -73,8 +73,7 @@ def main() -> None:
 
     allow_broken_torchvision()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    kw = M.build(a.model, False, "cpu", torch.float32)[1]
-    inp = M.inputs(a.model, kw, False, dev, dt)
+    inp = M.step_inputs(a.model, False, dev, dt)
     res = [one_target(a, None if t == "dense" else float(t), inp, dev, dt) for t in a.targets.split(",")]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "host_profile.json").write_text(json.dumps(dict(model=a.model, rows=res), indent=1,

@@ -47,8 +47,7 @@ def main() -> None:
     a = p.parse_args()
     allow_broken_torchvision()
     dev, dt = torch.device("cuda"), torch.bfloat16
-    kw = M.build(a.model, False, "cpu", torch.float32)[1]
-    inp = M.inputs(a.model, kw, False, dev, dt)
+    inp = M.step_inputs(a.model, False, dev, dt)
     res = {}
     for variant in ("inductor", "sparge"):
         be = variant if variant == "inductor" else sc.backend(
